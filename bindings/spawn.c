@@ -1,0 +1,331 @@
+/* The spawn trampoline (see spawn.h). Everything below the clone runs in a
+ * copy of a multi-threaded process: only raw system calls, no malloc, no
+ * stdio, no locks. */
+#define _GNU_SOURCE
+#include "spawn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/sched.h>
+#include <linux/seccomp.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/personality.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+static int sys_result(long r)
+{
+        return r < 0 ? -errno : 0;
+}
+
+static int write_all(int fd, const void *buf, size_t len)
+{
+        const char *p = buf;
+
+        while (len > 0) {
+                ssize_t n = write(fd, p, len);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                p += n;
+                len -= (size_t)n;
+        }
+        return 0;
+}
+
+static int op_mkdir(const struct hostel_op *op)
+{
+        if (mkdir(op->path, (mode_t)op->num) < 0 && errno != EEXIST)
+                return -errno;
+        return 0;
+}
+
+static int op_write_file(const struct hostel_op *op)
+{
+        int fd = open(op->path, O_WRONLY | O_CLOEXEC | O_NOFOLLOW | (int)op->num2,
+                      (mode_t)op->num);
+        if (fd < 0)
+                return -errno;
+        int r = write_all(fd, op->data, op->len);
+        if (close(fd) < 0 && r == 0)
+                r = -errno;
+        return r;
+}
+
+/* pivot_root(".", ".") stacks the old root on top of the new one, so a
+ * single lazy unmount removes it without needing a put_old directory. */
+static int op_pivot_root(const struct hostel_op *op)
+{
+        if (chdir(op->path) < 0)
+                return -errno;
+        if (syscall(SYS_pivot_root, ".", ".") < 0)
+                return -errno;
+        if (umount2(".", MNT_DETACH) < 0)
+                return -errno;
+        return sys_result(chdir("/"));
+}
+
+static int op_capbset_drop(const struct hostel_op *op)
+{
+        for (int cap = 0; cap < 64; cap++) {
+                if (!(op->num & (1ULL << cap)))
+                        continue;
+                if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
+                        return -errno;
+        }
+        return 0;
+}
+
+static int op_capset(const struct hostel_op *op)
+{
+        struct __user_cap_header_struct header = {
+                .version = _LINUX_CAPABILITY_VERSION_3,
+                .pid = 0,
+        };
+        struct __user_cap_data_struct data[2];
+
+        for (int i = 0; i < 2; i++) {
+                data[i].effective = (uint32_t)(op->num >> (32 * i));
+                data[i].permitted = (uint32_t)(op->num2 >> (32 * i));
+                data[i].inheritable = (uint32_t)(op->num3 >> (32 * i));
+        }
+        return sys_result(syscall(SYS_capset, &header, data));
+}
+
+static int op_seccomp(const struct hostel_op *op)
+{
+        struct sock_fprog prog = {
+                .len = (unsigned short)op->len,
+                .filter = (struct sock_filter *)op->data,
+        };
+        return sys_result(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0));
+}
+
+static int op_wait_fd(const struct hostel_op *op)
+{
+        char byte;
+
+        for (;;) {
+                ssize_t n = read((int)op->num, &byte, 1);
+                if (n == 1)
+                        return 0;
+                if (n == 0)
+                        return -ECANCELED; /* the parent gave up on us */
+                if (errno != EINTR)
+                        return -errno;
+        }
+}
+
+static int op_notify_fd(const struct hostel_op *op)
+{
+        return write_all((int)op->num, "x", 1);
+}
+
+/* Stay behind as a minimal PID 1: reap every child, forward signals to the
+ * payload, and exit with the payload's status once it is gone. The payload
+ * (the child) returns 0 here and carries on with the rest of the plan. */
+static int op_stub_init(void)
+{
+        sigset_t all;
+
+        sigfillset(&all);
+        sigprocmask(SIG_BLOCK, &all, NULL);
+        long pid = syscall(SYS_clone, SIGCHLD, NULL, NULL, NULL, 0);
+        if (pid < 0)
+                return -errno;
+        if (pid == 0) {
+                sigprocmask(SIG_UNBLOCK, &all, NULL);
+                return 0;
+        }
+        for (;;) {
+                siginfo_t si;
+                int sig = sigwaitinfo(&all, &si);
+                if (sig < 0)
+                        continue;
+                if (sig != SIGCHLD) {
+                        kill((pid_t)pid, sig);
+                        continue;
+                }
+                for (;;) {
+                        int status;
+                        pid_t done = waitpid(-1, &status, WNOHANG);
+                        if (done <= 0)
+                                break;
+                        if (done == pid)
+                                _exit(WIFSIGNALED(status) ? 128 + WTERMSIG(status)
+                                                          : WEXITSTATUS(status));
+                }
+        }
+}
+
+static int run_op(const struct hostel_op *op)
+{
+        switch (op->kind) {
+        case HOSTEL_OP_MOUNT:
+                return sys_result(mount(op->arg, op->path, op->arg2, op->num, op->arg3));
+        case HOSTEL_OP_UMOUNT:
+                return sys_result(umount2(op->path, (int)op->num));
+        case HOSTEL_OP_MKDIR:
+                return op_mkdir(op);
+        case HOSTEL_OP_MKNOD:
+                return sys_result(mknod(op->path, (mode_t)op->num, (dev_t)op->num2));
+        case HOSTEL_OP_SYMLINK:
+                return sys_result(symlink(op->arg, op->path));
+        case HOSTEL_OP_WRITE_FILE:
+                return op_write_file(op);
+        case HOSTEL_OP_CHOWN:
+                return sys_result(lchown(op->path, (uid_t)op->num, (gid_t)op->num2));
+        case HOSTEL_OP_PIVOT_ROOT:
+                return op_pivot_root(op);
+        case HOSTEL_OP_CHROOT:
+                return sys_result(chroot(op->path));
+        case HOSTEL_OP_CHDIR:
+                return sys_result(chdir(op->path));
+        case HOSTEL_OP_SETHOSTNAME:
+                return sys_result(sethostname(op->arg, strlen(op->arg)));
+        case HOSTEL_OP_SETGROUPS:
+                return sys_result(syscall(SYS_setgroups, op->len, op->data));
+        case HOSTEL_OP_SETRESGID:
+                return sys_result(syscall(SYS_setresgid, op->num, op->num, op->num));
+        case HOSTEL_OP_SETRESUID:
+                return sys_result(syscall(SYS_setresuid, op->num, op->num, op->num));
+        case HOSTEL_OP_CAPBSET_DROP:
+                return op_capbset_drop(op);
+        case HOSTEL_OP_CAPSET:
+                return op_capset(op);
+        case HOSTEL_OP_KEEPCAPS:
+                return sys_result(prctl(PR_SET_KEEPCAPS, op->num, 0, 0, 0));
+        case HOSTEL_OP_NO_NEW_PRIVS:
+                return sys_result(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
+        case HOSTEL_OP_SECCOMP:
+                return op_seccomp(op);
+        case HOSTEL_OP_PERSONALITY:
+                return personality((unsigned long)op->num) < 0 ? -errno : 0;
+        case HOSTEL_OP_WAIT_FD:
+                return op_wait_fd(op);
+        case HOSTEL_OP_NOTIFY_FD:
+                return op_notify_fd(op);
+        case HOSTEL_OP_DUP2:
+                if (op->num == op->num2) /* keep it, but let it survive execve */
+                        return sys_result(fcntl((int)op->num, F_SETFD, 0));
+                return sys_result(dup2((int)op->num, (int)op->num2));
+        case HOSTEL_OP_SETSID:
+                return sys_result(setsid());
+        case HOSTEL_OP_SETCTTY:
+                return sys_result(ioctl((int)op->num, TIOCSCTTY, 0));
+        case HOSTEL_OP_SETNS:
+                return sys_result(setns((int)op->num, (int)op->num2));
+        case HOSTEL_OP_UNSHARE:
+                return sys_result(unshare((int)op->num));
+        case HOSTEL_OP_UMASK:
+                umask((mode_t)op->num);
+                return 0;
+        case HOSTEL_OP_EXECVE:
+                execve(op->path, op->argv, op->envp);
+                return -errno;
+        case HOSTEL_OP_STUB_INIT:
+                return op_stub_init();
+        default:
+                return -EINVAL;
+        }
+}
+
+static int is_kept(int fd, const struct hostel_spawn_args *args)
+{
+        for (int i = 0; i < args->n_keep_fds; i++)
+                if (args->keep_fds[i] == fd)
+                        return 1;
+        return fd == args->report_fd;
+}
+
+/* Close every inherited fd the plan does not use, so descriptors belonging
+ * to other, concurrently spawned children are not held open by this one. */
+static int close_foreign_fds(const struct hostel_spawn_args *args)
+{
+        int max_fd = 3;
+
+        for (int i = 0; i < args->n_keep_fds; i++)
+                if (args->keep_fds[i] > max_fd)
+                        max_fd = args->keep_fds[i];
+        if (args->report_fd > max_fd)
+                max_fd = args->report_fd;
+        for (int fd = 3; fd <= max_fd; fd++)
+                if (!is_kept(fd, args))
+                        close(fd);
+        return sys_result(syscall(SYS_close_range, max_fd + 1, ~0U, 0));
+}
+
+static void reset_signals(void)
+{
+        sigset_t none;
+        struct sigaction dfl = { .sa_handler = SIG_DFL };
+
+        for (int sig = 1; sig < _NSIG; sig++)
+                if (sig != SIGKILL && sig != SIGSTOP)
+                        sigaction(sig, &dfl, NULL);
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static void report_and_exit(int report_fd, int index, int error)
+{
+        struct hostel_step_failure failure = { .index = index, .error = error };
+
+        write_all(report_fd, &failure, sizeof failure);
+        _exit(127);
+}
+
+static void run_child(const struct hostel_spawn_args *args)
+{
+        reset_signals();
+        int r = close_foreign_fds(args);
+        if (r < 0)
+                report_and_exit(args->report_fd, -1, -r);
+        for (int i = 0; i < args->n_ops; i++) {
+                const struct hostel_op *op = &args->ops[i];
+                r = run_op(op);
+                if (r == 0)
+                        continue;
+                if (op->flags & HOSTEL_OPF_IGNORE_ERRORS)
+                        continue;
+                if (r == -ENOENT && (op->flags & HOSTEL_OPF_IGNORE_ENOENT))
+                        continue;
+                report_and_exit(args->report_fd, i, -r);
+        }
+        /* A plan that does not end in execve simply exits successfully. */
+        _exit(0);
+}
+
+int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out)
+{
+        int pidfd = -1;
+        struct clone_args ca;
+
+        memset(&ca, 0, sizeof ca);
+        ca.flags = args->clone_flags | CLONE_PIDFD;
+        ca.pidfd = (uint64_t)(uintptr_t)&pidfd;
+        ca.exit_signal = SIGCHLD;
+        long pid = syscall(SYS_clone3, &ca, sizeof ca);
+        if (pid < 0)
+                return -errno;
+        if (pid == 0)
+                run_child(args); /* never returns */
+        *pidfd_out = pidfd;
+        return (int)pid;
+}

@@ -1,0 +1,1 @@
+"""Virtual-machine guests: launcher, virtio devices, OCI images, guest init."""

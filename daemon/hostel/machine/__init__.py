@@ -1,0 +1,1 @@
+"""Namespace containers in the manner of systemd-nspawn, tracked as machined does."""
