@@ -282,14 +282,18 @@ class _PatientWriter(_MessageWriter):
                 self.fut.set_result(None)
 
 
+def make_patient(bus: MessageBus) -> MessageBus:
+    """Give a connected bus the writer that survives a full socket."""
+    bus._writer.__class__ = _PatientWriter
+    return bus
+
+
 async def connect_system_bus(negotiate_unix_fd: bool = True) -> MessageBus:
     """Connect to the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured by dbus-fast)."""
     from dbus_fast import BusType
 
     bus = MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=negotiate_unix_fd)
-    await bus.connect()
-    bus._writer.__class__ = _PatientWriter
-    return bus
+    return make_patient(await bus.connect())
 
 
 async def request_name(bus: MessageBus, name: str) -> bool:
