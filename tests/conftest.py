@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from hostel.privatebus import DaemonProcess, PrivateBus
+from hostel.privatebus import DaemonProcess, PrivateBus, start_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -40,13 +40,9 @@ def open_bus(tmp_path: Path) -> Iterator[PrivateBus]:
         bus.stop()
 
 
-def _start_daemon(bus: PrivateBus, tmp_path: Path) -> DaemonProcess:
-    return DaemonProcess(bus, runtime_dir=tmp_path / "run", state_dir=tmp_path / "state").start()
-
-
 @pytest.fixture
 def hosteld(private_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonProcess]:
-    daemon = _start_daemon(private_bus, tmp_path)
+    daemon = start_daemon(private_bus, tmp_path)
     try:
         yield daemon
     finally:
@@ -56,7 +52,7 @@ def hosteld(private_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonProcess]:
 
 @pytest.fixture
 def hosteld_open(open_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonProcess]:
-    daemon = _start_daemon(open_bus, tmp_path)
+    daemon = start_daemon(open_bus, tmp_path)
     try:
         yield daemon
     finally:

@@ -118,17 +118,18 @@ class PrivateBus:
 
 @dataclass
 class DaemonProcess:
-    """A hosteld process on `bus`, started and declared ready through sd_notify."""
+    """A hosteld process on the bus at `address`, declared ready through sd_notify."""
 
-    bus: PrivateBus
+    address: str
     runtime_dir: Path
     state_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    bus: PrivateBus | None = None  # the private bus it runs on, if any
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.bus.address)
+        env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.address)
         env.update(self.extra_env)
         return env
 
@@ -177,3 +178,9 @@ class DaemonProcess:
         status = self.proc.returncode
         self.proc = None
         return status
+
+
+def start_daemon(bus: PrivateBus, workdir: Path, **kwargs: object) -> DaemonProcess:
+    """A hosteld on `bus` with its state under `workdir`."""
+    return DaemonProcess(bus.address, workdir / "run", workdir / "state", bus=bus,
+                         **kwargs).start()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostel.privatebus import DaemonProcess, PrivateBus
+from hostel.privatebus import DaemonProcess, PrivateBus, start_daemon
 
 from conftest import busctl
 
@@ -88,7 +88,7 @@ def test_wrong_signature_leaves_the_daemon_healthy(hosteld: DaemonProcess) -> No
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_exits_cleanly_on_signal(private_bus: PrivateBus, tmp_path: Path, sig: int) -> None:
-    daemon = DaemonProcess(private_bus, tmp_path / "run", tmp_path / "state").start()
+    daemon = start_daemon(private_bus, tmp_path)
     assert daemon.stop(sig) == 0
     assert "stopping on signal" in daemon.log()
     owner = busctl(private_bus, "status", "org.hostel1", check=False)
@@ -117,8 +117,7 @@ def test_no_bus_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_journal_format_has_priorities_and_no_timestamps(private_bus: PrivateBus,
                                                          tmp_path: Path) -> None:
-    daemon = DaemonProcess(private_bus, tmp_path / "run", tmp_path / "state",
-                           extra_env={"JOURNAL_STREAM": "8:12345"}).start()
+    daemon = start_daemon(private_bus, tmp_path, extra_env={"JOURNAL_STREAM": "8:12345"})
     assert daemon.stop() == 0
     lines = daemon.log().splitlines()
     assert lines and all(re.match(r"^<[0-7]>", line) for line in lines)

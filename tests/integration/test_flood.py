@@ -48,7 +48,7 @@ def test_flood_of_concurrent_calls_is_answered(tmp_path: Path) -> None:
     # The stock system bus caps each client at 128 pending replies; lift that
     # so the whole burst reaches hosteld instead of being refused by the bus.
     bus = PrivateBus(tmp_path / "bus", limits={"max_replies_per_connection": 100000}).start()
-    daemon = DaemonProcess(bus, tmp_path / "run", tmp_path / "state")
+    daemon = DaemonProcess(bus.address, tmp_path / "run", tmp_path / "state", bus=bus)
     try:
         daemon.start()
         results = asyncio.run(flood(bus.address))

@@ -1,0 +1,69 @@
+"""`make demo`: start hosteld (on a private bus when there is no system bus) and show it working.
+
+Each step prints the command a person would type, then its real output."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hostel.privatebus import DaemonProcess, PrivateBus
+
+VENV_BIN = Path(sys.executable).parent
+SYSTEM_SOCKET = Path("/run/dbus/system_bus_socket")
+INSTALLED_POLICY = [Path("/usr/share/dbus-1/system.d/org.hostel1.conf"),
+                    Path("/etc/dbus-1/system.d/org.hostel1.conf")]
+
+
+def show(*cmd: str, env: dict[str, str]) -> None:
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        print(f"(exit status {result.returncode})")
+
+
+def system_bus_usable() -> bool:
+    """The real system bus only lets hosteld own org.hostel1 once our policy is installed."""
+    return (SYSTEM_SOCKET.exists() and "DBUS_SYSTEM_BUS_ADDRESS" not in os.environ
+            and any(p.exists() for p in INSTALLED_POLICY))
+
+
+def run_demo(address: str) -> None:
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=address,
+               PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    show("busctl", f"--address={address}", "tree", "org.hostel1", env=env)
+    show("busctl", f"--address={address}", "introspect", "org.hostel1", "/org/hostel1/machine",
+         env=env)
+    show("hostelctl", "status", env=env)
+    show("hostelctl", "list", env=env)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="hostel-demo-") as tmp:
+        work = Path(tmp)
+        bus = None
+        if system_bus_usable():
+            print("==> using the system bus")
+            address = f"unix:path={SYSTEM_SOCKET}"
+        else:
+            bus = PrivateBus(work / "bus").start()
+            address = bus.address
+            print(f"==> no usable system bus here: started a private dbus-daemon at {address}")
+        daemon = DaemonProcess(address, work / "run", Path("/var/lib/hostel"), bus=bus)
+        try:
+            daemon.start()
+            print(f"==> hosteld is running (pid {daemon.proc.pid}) and reported READY=1")
+            run_demo(address)
+        finally:
+            status = daemon.stop()
+            print(f"\n==> hosteld stopped (exit status {status})")
+            if bus is not None:
+                bus.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

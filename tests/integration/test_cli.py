@@ -1,0 +1,83 @@
+"""hostelctl against a real hosteld, and without one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hostel import __version__
+from hostel.privatebus import DaemonProcess, PrivateBus
+
+from conftest import hostelctl
+
+DESIGN_VERBS = ["run", "list", "status", "show", "terminate", "kill", "shell",
+                "cryptsetup", "guest", "image"]
+
+
+def test_help_lists_every_verb_and_marks_the_unimplemented() -> None:
+    result = hostelctl("unix:path=/nonexistent", "--help")
+    assert result.returncode == 0
+    for verb in DESIGN_VERBS:
+        assert f"\n    {verb}" in result.stdout, verb
+    run_help = " ".join(result.stdout.split("\n    run", 1)[1].split("\n    list")[0].split())
+    assert "(not implemented yet: issue 3)" in run_help
+    for group, verbs in [("cryptsetup", ["list", "status", "check-key", "attach", "detach"]),
+                         ("guest", ["launch", "run"]), ("image", ["import", "list", "remove"])]:
+        sub = hostelctl("unix:path=/nonexistent", group, "--help").stdout
+        for verb in verbs:
+            assert f"\n    {verb}" in sub, (group, verb)
+
+
+def test_help_imports_no_bus_library() -> None:
+    """The fast start is structural: --help must not import asyncio, dbus_fast or jeepney."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "hostel.cli", "--help"],
+                            capture_output=True, text=True, check=True)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    assert not imported & {"asyncio", "dbus_fast", "jeepney", "hostel.client"}, imported
+
+
+def test_status_shows_version_and_managers(hosteld: DaemonProcess) -> None:
+    result = hostelctl(hosteld.address, "status")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"hosteld {__version__} on {hosteld.address}"
+    for path in ("/org/hostel1/machine", "/org/hostel1/cryptsetup", "/org/hostel1/guest"):
+        assert any(path in line and "answering" in line for line in lines[1:]), path
+
+
+def test_list_with_no_machines(hosteld: DaemonProcess) -> None:
+    result = hostelctl(hosteld.address, "list")
+    assert (result.returncode, result.stdout.strip()) == (0, "0 machines listed.")
+
+
+def test_errors_from_the_daemon_go_to_stderr_with_status_1(hosteld: DaemonProcess) -> None:
+    result = hostelctl(hosteld.address, "terminate", "nope")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip() == "hostelctl terminate: no machine named 'nope'"
+
+
+def test_daemon_not_running(private_bus: PrivateBus) -> None:
+    result = hostelctl(private_bus.address, "status")
+    assert result.returncode == 69
+    assert "hosteld is not running" in result.stderr
+    assert "systemctl start hosteld" in result.stderr
+
+
+def test_no_bus_at_all(tmp_path: Path) -> None:
+    result = hostelctl(f"unix:path={tmp_path}/missing", "list")
+    assert result.returncode == 69
+    assert f"cannot reach the system bus at unix:path={tmp_path}/missing" in result.stderr
+
+
+def test_unimplemented_verbs_fail_clearly() -> None:
+    result = hostelctl("unix:path=/nonexistent", "guest", "launch", "--rng", "64", "vmlinux")
+    assert result.returncode == 1
+    assert "hostelctl guest launch: not implemented yet (issue 5)" in result.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    assert hostelctl("unix:path=/nonexistent", "--bogus").returncode == 2
+    assert hostelctl("unix:path=/nonexistent").returncode == 2
+    assert hostelctl("unix:path=/nonexistent", "kill", "x", "--kill-whom=nobody").returncode == 2
