@@ -66,6 +66,10 @@ class AccessDenied(HostelError):
 
 # Object paths ------------------------------------------------------------------
 
+_PATH_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_PATH_DIGITS = frozenset("0123456789")
+
+
 def escape_path_label(label: str) -> str:
     """Encode any string as one object path element, as sd_bus_path_encode does.
 
@@ -75,9 +79,8 @@ def escape_path_label(label: str) -> str:
         return "_"
     out = []
     for i, byte in enumerate(label.encode()):
-        ch = chr(byte)
-        if (ch.isascii() and ch.isalpha()) or (ch.isdigit() and i > 0):
-            out.append(ch)
+        if chr(byte) in _PATH_LETTERS or (chr(byte) in _PATH_DIGITS and i > 0):
+            out.append(chr(byte))
         else:
             out.append(f"_{byte:02x}")
     return "".join(out)
