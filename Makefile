@@ -19,9 +19,14 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 SYSCONFDIR ?= /etc
 
-.PHONY: setup apt venv test demo install bench clean
+.PHONY: setup apt venv busybox-tree test demo install bench clean
 
-setup: apt venv
+BUSYBOX_TREE ?= /var/lib/hostel/machines/busybox
+
+setup: apt venv busybox-tree
+
+busybox-tree: | apt
+	@scripts/make-busybox-tree $(BUSYBOX_TREE)
 
 apt:
 	@scripts/ensure-apt-packages $(APT_PACKAGES)
@@ -46,8 +51,12 @@ bench: setup
 # go where dbus-daemon and systemd look for local additions.
 install: setup
 	install -d $(DESTDIR)$(PREFIX)/bin
-	for tool in hosteld hostelctl hostel-cryptsetup-generator; do \
+	for tool in hosteld hostelctl; do \
 		ln -sf $(CURDIR)/$(VENV)/bin/$$tool $(DESTDIR)$(PREFIX)/bin/$$tool; done
+	# The generator runs at every boot: a lean launcher (python -I -S), not pip's wrapper.
+	sed -e 's|@PYTHON@|$(PYTHON)|' -e 's|@PKGDIR@|$(CURDIR)/daemon|' \
+		bin/hostel-cryptsetup-generator.in > $(DESTDIR)$(PREFIX)/bin/hostel-cryptsetup-generator
+	chmod 755 $(DESTDIR)$(PREFIX)/bin/hostel-cryptsetup-generator
 	install -D -m 644 dbus/org.hostel1.conf $(DESTDIR)/usr/share/dbus-1/system.d/org.hostel1.conf
 	install -D -m 644 dbus/org.hostel1.service $(DESTDIR)/usr/share/dbus-1/system-services/org.hostel1.service
 	install -D -m 644 systemd/hosteld.service $(DESTDIR)$(SYSCONFDIR)/systemd/system/hosteld.service

@@ -16,9 +16,6 @@ UNIT_NAME_MAX = 256
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
 _HASH_KEY = bytes.fromhex("ecf237fb58324a32849f069b0d21eb9a")
-_UNIT_TYPES = frozenset((
-    "service", "socket", "target", "device", "mount", "automount",
-    "swap", "timer", "path", "slice", "scope"))
 
 _DIGITS_LETTERS = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -40,28 +37,31 @@ def byte_len(s: str) -> int:
     return len(s) if s.isascii() else len(to_bytes(s))
 
 
-def _byte_table(keep: bytes, special: dict[int, str], fallback) -> list[str]:
-    table = [chr(b) if b in keep else fallback(b) for b in range(256)]
-    for b, text in special.items():
-        table[b] = text
+def _ascii_map(keep: bytes, special: dict[int, str], fallback) -> dict[int, str]:
+    """str.translate() table for the ASCII range; only 128 entries, so import stays cheap."""
+    table = {b: fallback(b) for b in range(128) if b not in keep}
+    table.update(special)
     return table
 
 
-def _translate(s: str, table: list[str], ascii_map: dict[int, str]) -> str:
-    """Apply a per-byte table: str.translate for ASCII (fast), bytes otherwise."""
+def _translate(s: str, ascii_map: dict[int, str], fallback) -> str:
+    """Escape per byte: str.translate for ASCII (the common case), bytes otherwise."""
     if s.isascii():
         return s.translate(ascii_map)
-    return "".join([table[b] for b in to_bytes(s)])
+    return "".join([ascii_map.get(b, chr(b)) if b < 128 else fallback(b) for b in to_bytes(s)])
 
 
-def _ascii_map(table: list[str]) -> dict[int, str]:
-    return {i: t for i, t in enumerate(table[:128]) if t != chr(i)}
+def _octal(b: int) -> str:
+    return f"\\{b:03o}"
+
+
+def _hex(b: int) -> str:
+    return f"\\x{b:02x}"
 
 
 # --- unit name escaping (systemd-escape) -----------------------------------
 
-_UNIT_TABLE = _byte_table(_DIGITS_LETTERS + b":_.", {ord("/"): "-"}, lambda b: f"\\x{b:02x}")
-_UNIT_MAP = _ascii_map(_UNIT_TABLE)
+_UNIT_MAP = _ascii_map(_DIGITS_LETTERS + b":_.", {ord("/"): "-"}, _hex)
 
 
 def unit_name_escape(s: str) -> str:
@@ -69,7 +69,7 @@ def unit_name_escape(s: str) -> str:
 
     A leading dot is escaped so that no hidden unit file can result.
     """
-    out = _translate(s, _UNIT_TABLE, _UNIT_MAP)
+    out = _translate(s, _UNIT_MAP, _hex)
     if out.startswith("."):
         out = "\\x2e" + out[1:]
     return out
@@ -111,29 +111,27 @@ def specifier_escape(s: str) -> str:
 
 _C_SPECIAL = {7: "\\a", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r", 9: "\\t", 11: "\\v",
               ord("\\"): "\\\\", ord('"'): '\\"', ord("'"): "\\'"}
-_C_TABLE = _byte_table(bytes(range(32, 127)), _C_SPECIAL, lambda b: f"\\{b:03o}")
-_C_MAP = _ascii_map(_C_TABLE)
+_C_MAP = _ascii_map(bytes(range(32, 127)), _C_SPECIAL, _octal)
 
 
 def cescape(s: str) -> str:
     """C string escaping: named escapes, octal for control and non-ASCII bytes."""
-    return _translate(s, _C_TABLE, _C_MAP)
+    return _translate(s, _C_MAP, _octal)
 
 
 # --- device node names ------------------------------------------------------
 
-_DEVNODE_TABLE = _byte_table(_DIGITS_LETTERS + b"#+-.:=@_", {}, lambda b: f"\\x{b:02x}")
-_DEVNODE_MAP = _ascii_map(_DEVNODE_TABLE)
+_DEVNODE_MAP = _ascii_map(_DIGITS_LETTERS + b"#+-.:=@_", {}, _hex)
 
 
 def _devnode_char(c: str) -> str:
     o = ord(c)
     if o < 0x80:
-        return _DEVNODE_TABLE[o]
+        return _DEVNODE_MAP.get(o, c)
     # Valid UTF-8 is kept, except what systemd's validator also rejects:
     # undecodable bytes (surrogate-escaped) and Unicode non-characters.
     if 0xDC80 <= o <= 0xDCFF or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE:
-        return "".join(f"\\x{b:02x}" for b in to_bytes(c))
+        return "".join(_hex(b) for b in to_bytes(c))
     return c
 
 
@@ -175,6 +173,13 @@ def _skip_slash_or_dot(p: str, i: int) -> int:
     return i
 
 
+def _simple(p: str) -> bool:
+    """Absolute, short, ASCII, no empty/dot components, no trailing slash: such a path
+    is already simplified and normalized, so the component walk can be skipped."""
+    return (p.startswith("/") and len(p) <= NAME_MAX and p.isascii() and "//" not in p
+            and "/." not in p and (len(p) == 1 or not p.endswith("/")))
+
+
 def first_component(p: str, i: int, accept_dot_dot: bool = True) -> tuple[str | None, int]:
     """Next path component at or after index i, and the index past it.
 
@@ -201,6 +206,11 @@ def path_startswith(path: str, prefix: str) -> str | None:
     """Remainder of path after prefix, compared component by component; None if no match."""
     if path.startswith("/") != prefix.startswith("/"):
         return None
+    base = prefix.rstrip("/")
+    if base and _simple(path) and _simple(base):
+        if path == base:
+            return ""
+        return path[len(base) + 1:] if path.startswith(base + "/") else None
     i = j = 0
     try:
         while True:
@@ -220,6 +230,8 @@ def path_equal(a: str, b: str) -> bool:
     """Whether two paths name the same thing, ignoring repeated slashes and '.'."""
     if a.startswith("/") != b.startswith("/"):
         return False
+    if _simple(a) and _simple(b):
+        return a == b
     i = j = 0
     while True:
         try:
@@ -250,7 +262,7 @@ def path_join(a: str, b: str) -> str:
 
 def path_simplify(p: str) -> str:
     """Drop redundant slashes and '.' components; '..' is kept, overlong parts stop it."""
-    if not p:
+    if not p or _simple(p):
         return p
     lead = "/" if p.startswith("/") else ""
     comps: list[str] = []
@@ -269,6 +281,8 @@ def path_simplify(p: str) -> str:
 
 
 def path_is_normalized(p: str) -> bool:
+    if _simple(p):
+        return True
     if not p:
         return False
     i = 0
@@ -320,9 +334,8 @@ def siphash24(data: bytes, key: bytes) -> int:
             v[2] = _rotl(v[2], 32)
 
     tail = len(data) % 8
-    blocks = data[:len(data) - tail] + b""
-    for off in range(0, len(blocks), 8):
-        m = int.from_bytes(blocks[off:off + 8], "little")
+    for off in range(0, len(data) - tail, 8):
+        m = int.from_bytes(data[off:off + 8], "little")
         v[3] ^= m
         rounds(2)
         v[0] ^= m
@@ -337,7 +350,8 @@ def siphash24(data: bytes, key: bytes) -> int:
 
 def _hash_long(name: str) -> str:
     base, _, typ = name.rpartition(".")
-    digest = siphash24(to_bytes(name), _HASH_KEY).to_bytes(8, "little").hex()
+    # systemd hashes the terminating NUL too.
+    digest = siphash24(to_bytes(name) + b"\0", _HASH_KEY).to_bytes(8, "little").hex()
     keep = UNIT_NAME_MAX - 1 - len(typ) - 16 - 2
     return name[:keep] + "_" + digest + "." + typ
 
