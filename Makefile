@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # the peers the benchmarks compare against.
 APT_PACKAGES := dbus busybox-static squashfs-tools libseccomp-dev python3-seccomp \
 	libcryptsetup-dev cryptsetup-bin systemd-container strace iproute2 util-linux \
-	gcc python3-dev python3-venv hyperfine crun runc
+	gcc python3-dev python3-venv hyperfine crun runc \
+	fdisk e2fsprogs dosfstools xfsprogs btrfs-progs attr libcap2-bin
 
 NATIVE_SOURCES := $(wildcard bindings/*.c bindings/*.h) bindings/build_native.py
 

@@ -137,6 +137,13 @@ static int op_notify_fd(const struct hostel_op *op)
         return write_all((int)op->num, "x", 1);
 }
 
+/* Show up in ps as what we are, not as a copy of the daemon (the command
+ * line stays the daemon's: rewriting it needs CONFIG_CHECKPOINT_RESTORE). */
+static void name_stub_init(void)
+{
+        prctl(PR_SET_NAME, "hostel-stubinit", 0, 0, 0);
+}
+
 /* Stay behind as a minimal PID 1: reap every child, forward signals to the
  * payload, and exit with the payload's status once it is gone. The payload
  * (the child) returns 0 here and carries on with the rest of the plan. */
@@ -153,6 +160,7 @@ static int op_stub_init(void)
                 sigprocmask(SIG_UNBLOCK, &all, NULL);
                 return 0;
         }
+        name_stub_init();
         for (;;) {
                 siginfo_t si;
                 int sig = sigwaitinfo(&all, &si);
@@ -241,6 +249,10 @@ static int run_op(const struct hostel_op *op)
                 return -errno;
         case HOSTEL_OP_STUB_INIT:
                 return op_stub_init();
+        case HOSTEL_OP_UNLINK:
+                return sys_result(unlink(op->path));
+        case HOSTEL_OP_FAIL:
+                return -(int)op->num;
         default:
                 return -EINVAL;
         }

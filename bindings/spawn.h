@@ -43,6 +43,8 @@ enum hostel_op_kind {
         HOSTEL_OP_UMASK,           /* num */
         HOSTEL_OP_EXECVE,          /* path, argv, envp */
         HOSTEL_OP_STUB_INIT,       /* fork; parent stays as PID 1 reaping and forwarding signals */
+        HOSTEL_OP_UNLINK,          /* path */
+        HOSTEL_OP_FAIL,            /* num=errno: end the plan with this error (e.g. not found in PATH) */
 };
 
 /* Modifiers in hostel_op.flags. */

@@ -45,6 +45,15 @@ def cmd_status(args: argparse.Namespace, client: object) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace, client: object) -> int:
+    from hostel.machine.runclient import run
+
+    return run(args.rest)
+
+
+cmd_run.needs_daemon = False  # it opens its own connection, after parsing its options
+
+
 def cmd_list(args: argparse.Namespace, client: object) -> int:
     (machines,) = client.call(MACHINE_PATH, "org.hostel1.MachineManager", "ListMachines")
     if machines:
@@ -97,8 +106,8 @@ def not_yet(issue: str) -> Handler:
 # Parser --------------------------------------------------------------------------
 
 def _verb(sub: argparse._SubParsersAction, name: str, help_text: str,
-          handler: Handler) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text)
+          handler: Handler, add_help: bool = True) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text, add_help=add_help)
     group = sub._prog_prefix.split(" ", 1)[1:]  # "hostelctl cryptsetup" -> ["cryptsetup"]
     parser.set_defaults(handler=handler, verb=" ".join(group + [name]))
     return parser
@@ -111,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 success, 1 failure, 2 usage error, 69 hosteld or the bus unreachable.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    run = _verb(sub, "run", f"run a command in a new container (systemd-nspawn options) "
-                f"{_planned('issue 3')}", not_yet("issue 3"))
+    run = _verb(sub, "run", "run a command in a new container (systemd-nspawn options; "
+                "'hostelctl run --help' lists them)", cmd_run, add_help=False)
     run.add_argument("rest", nargs=argparse.REMAINDER)
     _verb(sub, "list", "list running machines", cmd_list)
     status = _verb(sub, "status", "show the daemon's status, or a machine's with NAME", cmd_status)
@@ -170,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
-    if not getattr(handler, "needs_daemon", True):
-        return handler(args, None)
     from hostel.client import CallFailed, Client, DaemonUnavailable
 
     try:
+        if not getattr(handler, "needs_daemon", True):
+            return handler(args, None)
         with Client() as client:
             return handler(args, client)
     except DaemonUnavailable as e:

@@ -66,6 +66,28 @@ class Client:
             raise CallFailed(name, text)
         return reply.body
 
+    def call_no_reply(self, path: str, interface: str, member: str, signature: str = "",
+                      *args: Any) -> None:
+        """Send a call without waiting: for methods that block until something finishes."""
+        address = DBusAddress(path, bus_name=BUS_NAME, interface=interface)
+        self._conn.send(new_method_call(address, member, signature or None, args))
+
+    def add_match(self, rule: Any) -> None:
+        """Ask the bus to route matching signals to us (org.freedesktop.DBus.AddMatch)."""
+        from jeepney.bus_messages import message_bus
+
+        self._conn.send_and_get_reply(message_bus.AddMatch(rule))
+
+    def filter(self, rule: Any) -> Any:
+        """Collect messages matching `rule` (unbounded) while other calls run."""
+        from collections import deque
+
+        return self._conn.filter(rule, queue=deque())
+
+    def receive_into(self, _queue: Any) -> None:
+        """Block for the next message; filters put it where it belongs."""
+        self._conn.recv_messages()
+
     def get_property(self, path: str, interface: str, name: str) -> Any:
         (variant,) = self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss",
                                interface, name)

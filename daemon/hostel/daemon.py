@@ -17,7 +17,9 @@ from hostel.bus import Dispatcher, connect_system_bus, request_name
 from hostel.cryptsetup.service import MANAGER_PATH as CRYPTSETUP_PATH, CryptsetupManagerInterface
 from hostel.guest.service import MANAGER_PATH as GUEST_PATH, GuestManagerInterface
 from hostel.logsetup import setup_logging
-from hostel.machine.service import MANAGER_PATH as MACHINE_PATH, MachineManagerInterface
+from hostel.machine.registry import Registry
+from hostel.machine.runner import MachineRunner
+from hostel.machine.service import MANAGER_PATH as MACHINE_PATH, MachineService
 from hostel.notify import sd_notify
 
 log = logging.getLogger("hosteld")
@@ -81,7 +83,10 @@ async def serve(config: DaemonConfig) -> int:
 
     dispatcher = Dispatcher(bus)
     bus.export(ROOT_PATH, DaemonInterface())
-    dispatcher.export(MACHINE_PATH, MachineManagerInterface())
+    machines_dir = config.state_dir / "machines"
+    registry = Registry()
+    runner = MachineRunner(registry, config.runtime_dir, machines_dir)
+    MachineService(dispatcher, registry, runner, machines_dir)
     dispatcher.export(CRYPTSETUP_PATH, CryptsetupManagerInterface())
     dispatcher.export(GUEST_PATH, GuestManagerInterface())
 
@@ -108,6 +113,7 @@ async def serve(config: DaemonConfig) -> int:
         return EXIT_BUS_UNAVAILABLE
     sd_notify("STOPPING=1")
     log.info("stopping on signal")
+    await runner.stop_all()
     disconnected.cancel()
     bus.disconnect()
     return 0

@@ -91,15 +91,28 @@ class Plan:
     def mknod(self, path: str, mode: int, device: int) -> None:
         self.add(Step(lib.HOSTEL_OP_MKNOD, f"mknod {path}", path=path, num=mode, num2=device))
 
-    def symlink(self, target: str, path: str) -> None:
-        self.add(Step(lib.HOSTEL_OP_SYMLINK, f"symlink {path} -> {target}", path=path, arg=target))
+    def symlink(self, target: str, path: str, *, best_effort: bool = False) -> None:
+        self.add(Step(lib.HOSTEL_OP_SYMLINK, f"symlink {path} -> {target}", path=path, arg=target,
+                      flags=lib.HOSTEL_OPF_IGNORE_ERRORS if best_effort else 0))
 
-    def write_file(self, path: str, data: bytes, mode: int = 0o644, *,
-                   create: bool = True, optional: bool = False) -> None:
-        open_flags = (os.O_CREAT | os.O_TRUNC) if create else 0
+    def write_file(self, path: str, data: bytes, mode: int = 0o644, *, create: bool = True,
+                   truncate: bool = True, optional: bool = False,
+                   best_effort: bool = False) -> None:
+        """Write `data` to `path` (never through a symlink); `optional`: a missing path is fine."""
+        open_flags = (os.O_CREAT if create else 0) | (os.O_TRUNC if truncate else 0)
+        flags = lib.HOSTEL_OPF_IGNORE_ENOENT if optional else 0
+        flags |= lib.HOSTEL_OPF_IGNORE_ERRORS if best_effort else 0
         self.add(Step(lib.HOSTEL_OP_WRITE_FILE, f"write {path}", path=path, data=data,
-                      num=mode, num2=open_flags,
-                      flags=lib.HOSTEL_OPF_IGNORE_ENOENT if optional else 0))
+                      num=mode, num2=open_flags, flags=flags))
+
+    def unlink(self, path: str, *, optional: bool = False, best_effort: bool = False) -> None:
+        flags = lib.HOSTEL_OPF_IGNORE_ENOENT if optional else 0
+        self.add(Step(lib.HOSTEL_OP_UNLINK, f"remove {path}", path=path,
+                      flags=flags | (lib.HOSTEL_OPF_IGNORE_ERRORS if best_effort else 0)))
+
+    def fail(self, err: int, description: str) -> None:
+        """End the plan here with `err`, reported as `description` (e.g. a failed PATH search)."""
+        self.add(Step(lib.HOSTEL_OP_FAIL, description, num=err))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         self.add(Step(lib.HOSTEL_OP_CHOWN, f"chown {path}", path=path, num=uid, num2=gid))
@@ -110,8 +123,9 @@ class Plan:
     def chroot(self, path: str) -> None:
         self.add(Step(lib.HOSTEL_OP_CHROOT, f"chroot {path}", path=path))
 
-    def chdir(self, path: str) -> None:
-        self.add(Step(lib.HOSTEL_OP_CHDIR, f"chdir {path}", path=path))
+    def chdir(self, path: str, *, best_effort: bool = False) -> None:
+        self.add(Step(lib.HOSTEL_OP_CHDIR, f"chdir {path}", path=path,
+                      flags=lib.HOSTEL_OPF_IGNORE_ERRORS if best_effort else 0))
 
     def umask(self, mask: int) -> None:
         self.add(Step(lib.HOSTEL_OP_UMASK, f"umask {mask:03o}", num=mask))
@@ -187,9 +201,11 @@ class Plan:
         """From here on, run as PID 2 under a minimal reaping PID 1."""
         self.add(Step(lib.HOSTEL_OP_STUB_INIT, "start stub init"))
 
-    def execve(self, path: str, argv: Sequence[str], envp: Sequence[str]) -> None:
+    def execve(self, path: str, argv: Sequence[str], envp: Sequence[str], *,
+               try_next: bool = False) -> None:
+        """Execute `path`; with try_next, a missing file moves on to the next step (a search)."""
         self.add(Step(lib.HOSTEL_OP_EXECVE, f"execute {path}", path=path, argv=list(argv),
-                      envp=list(envp)))
+                      envp=list(envp), flags=lib.HOSTEL_OPF_IGNORE_ENOENT if try_next else 0))
 
 
 class _CPlan:

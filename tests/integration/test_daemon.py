@@ -64,11 +64,11 @@ def test_version_property(hosteld: DaemonProcess) -> None:
 
 
 def test_unimplemented_methods_say_so_and_never_pretend(hosteld: DaemonProcess) -> None:
-    result = busctl(hosteld.bus, "call", "org.hostel1", "/org/hostel1/machine",
-                    "org.hostel1.MachineManager", "StartMachine", "sa{sv}", "box", "0",
+    result = busctl(hosteld.bus, "call", "org.hostel1", "/org/hostel1/guest",
+                    "org.hostel1.GuestManager", "StartGuest", "sa{sv}", "vm", "0",
                     check=False)
     assert result.returncode != 0
-    assert "not implemented yet" in result.stderr and "issue 3" in result.stderr
+    assert "not implemented yet" in result.stderr and "issue 5" in result.stderr
 
 
 def test_missing_objects_are_clear_errors(hosteld: DaemonProcess) -> None:

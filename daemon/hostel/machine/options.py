@@ -1,0 +1,95 @@
+"""systemd-nspawn's command-line options, and the D-Bus settings keys they map to.
+
+One table serves both sides: hostelctl turns argv into an a{sv} settings
+dictionary with it (a shallow, fast translation: paths made absolute, flags
+made booleans), and hosteld checks the same dictionary's keys and types
+against it before settings.py gives the values meaning. Nothing here imports
+more than the standard library's core, because hostelctl imports it at start."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Option:
+    long: str                 # "directory" for --directory
+    key: str                  # "Directory": the a{sv} settings key
+    signature: str            # D-Bus type of the value: "s", "b", "as", "ay"
+    short: str | None = None  # "D" for -D
+    metavar: str | None = None
+    help: str = ""
+    path: bool = False        # make absolute relative to the client's cwd
+    optional_value: str | None = None  # value of a bare --volatile
+
+    @property
+    def takes_value(self) -> bool:
+        return self.signature != "b" or self.optional_value is not None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("directory", "Directory", "s", "D", "PATH", "root directory for the container", path=True),
+    Option("template", "Template", "s", None, "PATH",
+           "initialize the root directory from this template directory", path=True),
+    Option("ephemeral", "Ephemeral", "b", "x", None,
+           "run on a throwaway snapshot of the root directory, removed on exit"),
+    Option("image", "Image", "s", "i", "PATH", "disk image or block device for the container", path=True),
+    Option("boot", "Boot", "b", "b", None, "boot the container: run its init as PID 1"),
+    Option("user", "User", "s", "u", "USER", "run the command as this user (name or uid)"),
+    Option("machine", "Machine", "s", "M", "NAME", "the machine's name"),
+    Option("uuid", "UUID", "s", None, "UUID", "the machine's id (container_uuid=)"),
+    Option("slice", "Slice", "s", "S", "SLICE", "place the container in this slice"),
+    Option("private-network", "PrivateNetwork", "b", None, None, "no network access: only loopback"),
+    Option("network-interface", "NetworkInterface", "as", None, "IFACE",
+           "move this host interface into the container (repeatable)"),
+    Option("network-macvlan", "NetworkMacvlan", "as", None, "IFACE",
+           "give the container a macvlan interface on this host interface (repeatable)"),
+    Option("network-veth", "NetworkVeth", "b", None, None,
+           "virtual Ethernet link between host (ve-NAME) and container (host0)"),
+    Option("network-bridge", "NetworkBridge", "s", None, "BRIDGE",
+           "like --network-veth, with the host side added to this bridge"),
+    Option("selinux-context", "SELinuxContext", "s", "Z", "SECLABEL",
+           "SELinux context of the container's processes"),
+    Option("selinux-apifs-context", "SELinuxApiFsContext", "s", "L", "SECLABEL",
+           "SELinux context of the container's API file systems"),
+    Option("capability", "Capability", "as", None, "CAP", "retain this capability too (or 'all')"),
+    Option("drop-capability", "DropCapability", "as", None, "CAP",
+           "drop this capability from the default set (or 'all')"),
+    Option("link-journal", "LinkJournal", "s", None, "MODE",
+           "link the guest journal: no, auto, guest, host, try-guest, try-host"),
+    Option("read-only", "ReadOnly", "b", None, None, "mount the root directory read-only"),
+    Option("bind", "Bind", "as", None, "SRC[:DST]", "bind mount a host path into the container"),
+    Option("bind-ro", "BindReadOnly", "as", None, "SRC[:DST]", "read-only bind mount"),
+    Option("tmpfs", "TemporaryFileSystem", "as", None, "PATH[:OPTS]", "mount a tmpfs at PATH"),
+    Option("setenv", "Environment", "as", None, "NAME=VALUE", "pass an environment variable to PID 1"),
+    Option("share-system", "ShareSystem", "b", None, None, "share the host's pid, ipc and uts namespaces"),
+    Option("register", "Register", "s", None, "BOOL", "register the container as a machine (yes/no)"),
+    Option("keep-unit", "KeepUnit", "b", None, None, "stay in hosteld's cgroup instead of a scope"),
+    Option("personality", "Personality", "s", None, "ARCH", "execution domain: x86 or x86-64"),
+    Option("volatile", "Volatile", "s", None, "MODE", "volatile mode: yes, state or no",
+           optional_value="yes"),
+    Option("quiet", "Quiet", "b", "q", None, "do not show status information"),
+    Option("private-users", "PrivateUsers", "s", None, "UID[:RANGE]|yes|pick|no",
+           "run in a user namespace: container root is an unprivileged host uid",
+           optional_value="yes"),
+    Option("as-pid2", "AsPid2", "b", None, None, "run the command as PID 2 under a minimal stub init"),
+    Option("console", "Console", "s", None, "MODE", "console mode: interactive, pipe or passive"),
+    Option("kill-signal", "KillSignal", "s", None, "SIGNAL",
+           "signal that asks the container to stop (default: SIGRTMIN+3 with --boot, else SIGTERM)"),
+)
+
+BY_KEY = {opt.key: opt for opt in OPTIONS}
+BY_LONG = {opt.long: opt for opt in OPTIONS}
+BY_SHORT = {opt.short: opt for opt in OPTIONS if opt.short}
+
+# Settings with no command-line option of their own.
+EXTRA_KEYS = {
+    "Command": "as",          # the positional COMMAND [ARGS...]
+    "LinkJournalTry": "b",    # the "try-" prefix of --link-journal, from -j
+    "WorkingDirectory": "s",  # hostelctl passes its cwd for relative defaults
+    "StandardInput": "h",
+    "StandardOutput": "h",
+    "StandardError": "h",
+    "Terminal": "s",          # TERM of the client, as nspawn passes its own
+}
+
+SIGNATURES = {**{opt.key: opt.signature for opt in OPTIONS}, **EXTRA_KEYS}

@@ -1,0 +1,367 @@
+"""Starting, watching and stopping containers: the seed's main(), on the event loop.
+
+Blocking preparation (copying a template, attaching loops, reading the
+tree) runs in a thread; the plan is built in Python and run by the C
+trampoline; parent-side work (uid map, cgroup, network) happens while the
+child waits at its first step; the child is then watched through its pidfd.
+Every start either ends with a running machine or leaves nothing behind."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostel import native
+from hostel.bus import HostelError
+from hostel.machine import capabilities, cgroups, devices, hostfiles, journal, mounts
+from hostel.machine import network as machine_network
+from hostel.machine import tree, users, userns
+from hostel.machine import seccomp as machine_seccomp
+from hostel.machine.console import Console, open_console
+from hostel.machine.registry import Machine, Registry, State
+from hostel.machine.settings import MachineSettings
+from hostel.spawn import Child, Plan, StepFailed, spawn, wait_exit
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INIT_PATHS = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/sbin/init")
+EXIT_REBOOT = 133
+TERMINATE_TIMEOUT = 10.0
+
+
+class MachineStartFailed(HostelError):
+    dbus_name = "org.hostel1.Error.StartFailed"
+
+
+@dataclass
+class Runtime:
+    """What a running machine holds on the host, released when it is gone."""
+
+    settings: MachineSettings
+    child: Child | None = None
+    console: Console | None = None
+    cgroup: cgroups.CgroupSet | None = None
+    network: object | None = None
+    cleanup: ExitStack = field(default_factory=ExitStack)
+    runtime_dir: Path | None = None
+    watcher: asyncio.Task | None = None
+    terminating: bool = False
+
+
+@dataclass
+class Prepared:
+    """Everything the plan needs that had to be looked up or set up first."""
+
+    prepared_root: tree.PreparedRoot
+    machine_id: bytes
+    user: users.UserIds
+    retain: int
+    seccomp_bpf: bytes
+    personality: int | None
+
+    @property
+    def root(self) -> str:
+        return self.prepared_root.root
+
+    @property
+    def view(self) -> str | None:
+        return self.prepared_root.view
+
+
+class MachineRunner:
+    def __init__(self, registry: Registry, runtime_dir: Path, machines_dir: Path) -> None:
+        self.registry = registry
+        self.runtime_dir = runtime_dir
+        self.machines_dir = machines_dir
+
+    # Start ---------------------------------------------------------------------------
+
+    async def start(self, settings: MachineSettings) -> Machine:
+        """Start a container; the descriptors in settings.stdio belong to the runner from here."""
+        machine = self.registry.reserve(Machine(settings.name, settings=settings.raw,
+                                                root_directory=settings.directory or settings.image or ""))
+        runtime = Runtime(settings, runtime_dir=self.runtime_dir / "machines" / settings.name)
+        machine.runtime = runtime
+        try:
+            await self._launch(machine, runtime)
+        except BaseException:
+            await asyncio.to_thread(runtime.cleanup.close)
+            if runtime.console is not None:
+                runtime.console.close()  # it owns the caller's descriptors now
+            else:
+                settings.stdio.close()
+            self.registry.remove(machine)
+            raise
+        runtime.watcher = asyncio.get_running_loop().create_task(self._watch(machine, runtime))
+        return machine
+
+    async def _launch(self, machine: Machine, runtime: Runtime) -> None:
+        settings = runtime.settings
+        runtime.runtime_dir.mkdir(parents=True, exist_ok=True)
+        runtime.cleanup.callback(_remove_tree, runtime.runtime_dir)
+        prepared = await asyncio.to_thread(self._prepare, settings, runtime)
+        if runtime.console is None:
+            runtime.console = open_console(settings.console, settings.stdio)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            plan = build_plan(settings, prepared, runtime.console, str(runtime.runtime_dir), go_r)
+            child = spawn(plan, clone_flags(settings))
+        finally:
+            os.close(go_r)
+        runtime.child = child
+        try:
+            await self._parent_side(machine, runtime, child, prepared)
+            os.write(go_w, b"x")
+        except BaseException:
+            native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+            raise
+        finally:
+            os.close(go_w)
+        try:
+            await child.started()
+        except StepFailed as e:
+            await wait_exit(child.pidfd)
+            raise MachineStartFailed(f"starting machine {settings.name} failed at {e}") from None
+        runtime.console.close_payload_side()
+        runtime.console.start_relay()
+        self.registry.update(machine, id=prepared.machine_id, leader=child.pid,
+                             unit=runtime.cgroup.unit if runtime.cgroup else "",
+                             state=State.RUNNING, root_directory=prepared.view or settings.image or "")
+        if not settings.quiet:
+            log.info("machine %s started, leader %d, root %s", settings.name, child.pid,
+                     prepared.view or settings.image)
+
+    def _prepare(self, settings: MachineSettings, runtime: Runtime) -> Prepared:
+        """The blocking part of start-up: runs in a thread."""
+        prepared_tree = tree.prepare_root(settings, runtime.runtime_dir, runtime.cleanup)
+        machine_id = hostfiles.container_machine_id(prepared_tree.view, settings.uuid)
+        ids = users.resolve_user(settings.user, prepared_tree.read_file("/etc/passwd"),
+                                 prepared_tree.read_file("/etc/group"))
+        plus = capabilities.parse_capabilities(settings.capability)
+        minus = capabilities.parse_capabilities(settings.drop_capability)
+        retain = capabilities.compute_retain(plus, minus, settings.private_network)
+        if not settings.keep_unit:
+            runtime.cgroup = cgroups.create(settings.name, settings.slice)
+            runtime.cleanup.callback(runtime.cgroup.remove)
+        runtime.network = machine_network.NetworkSettings(
+            settings.private_network, settings.network_veth, settings.network_bridge,
+            settings.network_interfaces, settings.network_macvlan)
+        runtime.network.validate()
+        return Prepared(prepared_tree, machine_id, ids, retain, machine_seccomp.container_filter(),
+                        settings.personality)
+
+    async def _parent_side(self, machine: Machine, runtime: Runtime, child: Child,
+                           prepared: Prepared) -> None:
+        """The seed's parent work between clone and the child's exec."""
+        settings = runtime.settings
+        if settings.private_users is not None:
+            userns.write_id_maps(child.pid, settings.private_users, settings.name, prepared.view)
+        if runtime.cgroup is not None:
+            runtime.cgroup.attach(child.pid)
+        if settings.private_network:
+            setup = await asyncio.to_thread(machine_network.setup_network, runtime.network,
+                                            settings.name, child.pid)
+            runtime.cleanup.callback(machine_network.teardown_network, setup)
+            self.registry.update(machine, network_interfaces=list(setup.interfaces))
+
+    # Watch, stop ---------------------------------------------------------------------
+
+    async def _watch(self, machine: Machine, runtime: Runtime) -> None:
+        while True:
+            info = await wait_exit(runtime.child.pidfd)
+            runtime.child.close()
+            reboot = runtime.settings.boot and not runtime.terminating and (
+                (info.exited and info.status == EXIT_REBOOT)
+                or (not info.exited and info.status == signal.SIGHUP))
+            if not reboot:
+                break
+            log.info("machine %s is rebooting", machine.name)
+            self.registry.update(machine, state=State.OPENING)
+            await asyncio.to_thread(runtime.cleanup.close)
+            runtime.cleanup = ExitStack()
+            try:
+                await self._launch(machine, runtime)
+            except HostelError as e:
+                log.error("rebooting machine %s failed: %s", machine.name, e)
+                info = None
+                break
+        await self._finish(machine, runtime, info)
+
+    async def _finish(self, machine: Machine, runtime: Runtime,
+                      info: native.ExitInfo | None) -> None:
+        # A shutdown (SIGINT from reboot(2) in the container) is a clean exit.
+        if info is None:
+            status = 1
+        elif not info.exited and info.status == signal.SIGINT and runtime.settings.boot:
+            status = 0
+        else:
+            status = info.returncode
+        self.registry.update(machine, state=State.CLOSING)
+        await asyncio.to_thread(runtime.cleanup.close)  # cgroup removal waits for stragglers
+        if runtime.console is not None:
+            runtime.console.close()
+        self.registry.update(machine, state=State.EXITED, exit_status=status)
+        log.info("machine %s %s", machine.name, info.describe() if info else "failed to reboot")
+        self.registry.remove(machine)
+
+    async def terminate(self, machine: Machine, timeout: float = TERMINATE_TIMEOUT) -> None:
+        """Orderly: SIGRTMIN+3 to a booted init, SIGTERM otherwise, SIGKILL after `timeout`."""
+        runtime: Runtime = machine.runtime
+        if runtime is None or runtime.child is None:
+            return
+        runtime.terminating = True
+        self.registry.update(machine, state=State.CLOSING)
+        sig = runtime.settings.kill_signal or (
+            signal.SIGRTMIN + 3 if runtime.settings.boot else signal.SIGTERM)
+        self._signal_leader(runtime, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(runtime.watcher), timeout)
+        except asyncio.TimeoutError:
+            log.warning("machine %s did not stop within %.0f s: killing it", machine.name, timeout)
+            self.kill(machine, "all", signal.SIGKILL)
+            await runtime.watcher
+
+    def kill(self, machine: Machine, who: str, sig: int) -> None:
+        runtime: Runtime = machine.runtime
+        if who == "leader":
+            self._signal_leader(runtime, sig)
+        elif runtime.cgroup is not None:
+            runtime.cgroup.kill(sig)
+        else:
+            self._signal_leader(runtime, sig)
+
+    @staticmethod
+    def _signal_leader(runtime: Runtime, sig: int) -> None:
+        try:
+            native.pidfd_send_signal(runtime.child.pidfd, sig)
+        except ProcessLookupError:
+            pass  # already gone: the watcher will see it
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.terminate(m) for m in self.registry.all()
+                               if m.runtime is not None), return_exceptions=True)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def clone_flags(settings: MachineSettings) -> int:
+    flags = native.CLONE_NEWNS
+    if not settings.share_system:
+        flags |= native.CLONE_NEWIPC | native.CLONE_NEWPID | native.CLONE_NEWUTS
+    if settings.private_network:
+        flags |= native.CLONE_NEWNET
+    if settings.private_users is not None:
+        flags |= native.CLONE_NEWUSER
+    return flags
+
+
+# The plan ------------------------------------------------------------------------
+
+def build_plan(settings: MachineSettings, prepared: Prepared, console: Console,
+               runtime_dir: str, go_fd: int) -> Plan:
+    """The child's whole life before exec, in the seed's order."""
+    plan = Plan()
+    root = prepared.root
+    in_userns = settings.private_users is not None
+    plan.wait_for_parent(go_fd, "parent-side setup (uid map, cgroup, network)")
+    if in_userns:  # become the namespace's root (host uid BASE) now that it is mapped
+        plan.setgroups([])
+        plan.setresgid(0)
+        plan.setresuid(0)
+    _plan_stdio(plan, console)
+    if not settings.share_system:
+        plan.write_file("/proc/self/loginuid", b"4294967295", create=False, truncate=False,
+                        best_effort=True)
+    plan.mount(None, "/", None, native.MS_SLAVE | native.MS_REC)
+    prepared.prepared_root.mount_steps(plan)
+    mounts.plan_root(plan, root, settings, runtime_dir)
+    mounts.plan_api_filesystems(plan, root, settings)
+    devices.plan_devnodes(plan, root, in_userns)
+    plan.seccomp(prepared.seccomp_bpf)
+    devices.plan_console(plan, root, console.tty_path, in_userns)
+    devices.plan_kmsg(plan, root)
+    if not settings.share_system:
+        mounts.plan_boot_id(plan, root)
+    hostfiles.plan_timezone(plan, root, prepared.view, settings.name)
+    hostfiles.plan_resolv_conf(plan, root, settings.private_network)
+    hostfiles.plan_machine_id(plan, root, prepared.view, prepared.machine_id)
+    journal.plan_journal(plan, root, prepared.view, settings)
+    mounts.plan_binds(plan, root, settings.binds)
+    mounts.plan_tmpfs(plan, root, settings.tmpfs)
+    if not settings.share_system:
+        plan.sethostname(settings.name)
+    mounts.plan_enter_root(plan, root)
+    plan.drop_bounding_caps(capabilities.bounding_drop_mask(prepared.retain))
+    user_env = users.plan_change_user(plan, prepared.user)
+    if prepared.personality is not None:
+        plan.personality(prepared.personality)
+    if settings.selinux_context:
+        plan.write_file("/proc/self/attr/exec", settings.selinux_context.encode(), create=False)
+    env = payload_environment(settings, prepared, user_env)
+    if settings.as_pid2:
+        plan.stub_init()
+    _plan_exec(plan, settings, prepared, env)
+    return plan
+
+
+def _plan_stdio(plan: Plan, console: Console) -> None:
+    for target, fd in enumerate((console.stdin, console.stdout, console.stderr)):
+        plan.dup2(fd, target)
+    plan.setsid()
+    if console.tty_path is not None:
+        plan.set_controlling_tty(0)
+
+
+def payload_environment(settings: MachineSettings, prepared: Prepared,
+                        user_env: list[str]) -> list[str]:
+    env = {"PATH": f"PATH={DEFAULT_PATH}", "container": "container=hostel"}
+    if settings.terminal:
+        env["TERM"] = f"TERM={settings.terminal}"
+    for item in user_env:
+        env[item.split("=", 1)[0]] = item
+    env["container_uuid"] = "container_uuid=" + _uuid_text(prepared.machine_id)
+    for item in settings.environment:
+        env[item.split("=", 1)[0]] = item
+    return list(env.values())
+
+
+def _uuid_text(raw: bytes) -> str:
+    import uuid
+
+    return str(uuid.UUID(bytes=raw))
+
+
+def _plan_exec(plan: Plan, settings: MachineSettings, prepared: Prepared, env: list[str]) -> None:
+    if settings.boot:
+        for init in INIT_PATHS:
+            plan.execve(init, [init, *settings.command], env, try_next=True)
+        plan.fail(2, f"find an init system in the container ({', '.join(INIT_PATHS)})")
+        return
+    if settings.command:
+        _plan_exec_search(plan, settings.command, env)
+        return
+    home = prepared.user.home or "/root"
+    plan.chdir(home, best_effort=True)
+    plan.execve("/bin/bash", ["-bash"], env, try_next=True)
+    plan.execve("/bin/sh", ["-sh"], env)
+
+
+def _plan_exec_search(plan: Plan, command: list[str], env: list[str]) -> None:
+    """execvpe() with the container's PATH, as steps: each candidate tried in turn."""
+    name = command[0]
+    if "/" in name:
+        plan.execve(name, command, env)
+        return
+    path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+    for directory in [d for d in path.split(":") if d]:
+        plan.execve(f"{directory}/{name}", command, env, try_next=True)
+    plan.fail(2, f"find {name!r} in the container's PATH ({path})")

@@ -1,0 +1,82 @@
+"""Which tree a container runs on: a directory, a template copy, an ephemeral snapshot, an image.
+
+This joins the pieces of rootfs.py and image.py into one answer for the
+runner: the root path as the child will see it, the steps that mount it (in
+the child's mount namespace), where the parent can read the tree before
+start (for users, timezone, os-release), and the cleanup to run at exit."""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from hostel.bus import InvalidArgs
+from hostel.machine import image, rootfs
+from hostel.machine.settings import MachineSettings
+from hostel.spawn import Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRoot:
+    root: str                         # the root path in the child, before it enters it
+    view: str | None                  # readable tree on the host (None: image)
+    mount_steps: Callable[[Plan], None] = lambda plan: None
+    image_files: dict[str, bytes | None] = field(default_factory=dict)
+
+    def read_file(self, path: str) -> bytes | None:
+        if self.view is None:
+            return self.image_files.get(path)
+        try:
+            return Path(self.view, path.lstrip("/")).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+
+FILES_FROM_IMAGE = ("/etc/passwd", "/etc/group", "/etc/os-release", "/usr/lib/os-release")
+
+
+def _check_binary(settings: MachineSettings, view: str) -> None:
+    """The seed refuses a tree that lacks the binary to run (or /usr/bin/ at all)."""
+    target = settings.command[0] if settings.command and settings.command[0].startswith("/") \
+        else "/usr/bin/"
+    if not settings.boot and not os.path.lexists(f"{view}{target}"):
+        raise InvalidArgs(f"Directory {view} lacks the binary to execute or doesn't look like "
+                          "a binary tree. Refusing.")
+
+
+def prepare_root(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStack) -> PreparedRoot:
+    if settings.image:
+        return _prepare_image(settings, runtime_dir, cleanup)
+    directory = settings.directory
+    if settings.template:
+        if rootfs.populate_from_template(settings.template, directory):
+            log.info("populated %s from template %s", directory, settings.template)
+        else:
+            log.info("directory %s already exists, not populating from template %s",
+                     directory, settings.template)
+    if not os.path.isdir(directory):
+        raise InvalidArgs(f"Directory {directory} does not exist; create it, or use --template=")
+    rootfs.check_os_tree(directory)
+    _check_binary(settings, directory)
+    if settings.ephemeral:
+        ephemeral = rootfs.EphemeralRoot(directory, str(runtime_dir))
+        cleanup.callback(ephemeral.remove)
+        return PreparedRoot(ephemeral.root, directory, ephemeral.add_to_plan)
+    return PreparedRoot(directory, directory)
+
+
+def _prepare_image(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStack) -> PreparedRoot:
+    dissected = image.dissect(settings.image)
+    files = image.read_files_from_image(dissected, FILES_FROM_IMAGE)
+    mounts = image.attach_image(dissected, read_only=settings.read_only)
+    cleanup.callback(mounts.detach)
+    root = str(runtime_dir / "root")
+    os.makedirs(root, exist_ok=True)
+    if dissected.personality is not None and settings.personality is None:
+        settings.personality = dissected.personality  # an x86 root on x86-64, as the seed does
+    return PreparedRoot(root, None, lambda plan: mounts.add_to_plan(plan, root), files)
