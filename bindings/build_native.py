@@ -16,7 +16,8 @@ enum hostel_op_kind {
     HOSTEL_OP_KEEPCAPS, HOSTEL_OP_NO_NEW_PRIVS, HOSTEL_OP_SECCOMP, HOSTEL_OP_PERSONALITY,
     HOSTEL_OP_WAIT_FD, HOSTEL_OP_NOTIFY_FD, HOSTEL_OP_DUP2, HOSTEL_OP_SETSID,
     HOSTEL_OP_SETCTTY, HOSTEL_OP_SETNS, HOSTEL_OP_UNSHARE, HOSTEL_OP_UMASK,
-    HOSTEL_OP_EXECVE, HOSTEL_OP_STUB_INIT, HOSTEL_OP_UNLINK, HOSTEL_OP_FAIL
+    HOSTEL_OP_EXECVE, HOSTEL_OP_STUB_INIT, HOSTEL_OP_UNLINK, HOSTEL_OP_FAIL,
+    HOSTEL_OP_MOVE_MOUNT
 };
 #define HOSTEL_OPF_IGNORE_ENOENT ...
 #define HOSTEL_OPF_IGNORE_ERRORS ...
@@ -40,6 +41,7 @@ int hostel_pidfd_open(int pid, unsigned int flags);
 int hostel_pidfd_send_signal(int pidfd, int sig);
 int hostel_pidfd_wait(int pidfd, int options, struct hostel_exit *out);
 int hostel_pivot_root(const char *new_root, const char *put_old);
+int hostel_open_tree(int dfd, const char *path, unsigned int flags);
 
 /* libc, used directly */
 int mount(const char *source, const char *target, const char *fstype,
@@ -77,6 +79,9 @@ int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsi
 #define PR_GET_NO_NEW_PRIVS ...
 #define PR_CAPBSET_READ ...
 #define PR_GET_SECCOMP ...
+#define AT_FDCWD ...
+#define AT_RECURSIVE ...
+#define O_CLOEXEC ...
 #define WEXITED ...
 #define WNOHANG ...
 #define CLD_EXITED ...
@@ -89,7 +94,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "hostel._native",
     '#include <sched.h>\n#include <sys/mount.h>\n#include <sys/prctl.h>\n'
-    '#include <sys/wait.h>\n#include <unistd.h>\n'
+    '#include <sys/wait.h>\n#include <unistd.h>\n#include <fcntl.h>\n'
     '#include "spawn.h"\n#include "syscalls.h"\n',
     sources=[f"bindings/{name}" for name in SOURCES],
     include_dirs=["bindings"],

@@ -23,6 +23,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#ifndef MOVE_MOUNT_F_EMPTY_PATH
+#define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
@@ -161,6 +164,9 @@ static int op_stub_init(void)
                 return 0;
         }
         name_stub_init();
+        /* Hold nothing of the plan's: the parent reads "started" from the report
+         * pipe closing, which the payload's execve does only if we let go too. */
+        syscall(SYS_close_range, 3, ~0U, 0);
         for (;;) {
                 siginfo_t si;
                 int sig = sigwaitinfo(&all, &si);
@@ -253,6 +259,9 @@ static int run_op(const struct hostel_op *op)
                 return sys_result(unlink(op->path));
         case HOSTEL_OP_FAIL:
                 return -(int)op->num;
+        case HOSTEL_OP_MOVE_MOUNT:
+                return sys_result(syscall(SYS_move_mount, (int)op->num, "", AT_FDCWD, op->path,
+                                          MOVE_MOUNT_F_EMPTY_PATH));
         default:
                 return -EINVAL;
         }

@@ -45,6 +45,7 @@ enum hostel_op_kind {
         HOSTEL_OP_STUB_INIT,       /* fork; parent stays as PID 1 reaping and forwarding signals */
         HOSTEL_OP_UNLINK,          /* path */
         HOSTEL_OP_FAIL,            /* num=errno: end the plan with this error (e.g. not found in PATH) */
+        HOSTEL_OP_MOVE_MOUNT,      /* num=detached mount fd (open_tree), path=where to attach it */
 };
 
 /* Modifiers in hostel_op.flags. */

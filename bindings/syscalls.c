@@ -42,6 +42,11 @@ int hostel_pidfd_wait(int pidfd, int options, struct hostel_exit *out)
         return 0;
 }
 
+int hostel_open_tree(int dfd, const char *path, unsigned int flags)
+{
+        return result(syscall(SYS_open_tree, dfd, path, flags));
+}
+
 int hostel_pivot_root(const char *new_root, const char *put_old)
 {
         return result(syscall(SYS_pivot_root, new_root, put_old));

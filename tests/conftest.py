@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +15,7 @@ from hostel.privatebus import DaemonProcess, PrivateBus, start_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
+HOSTELCTL = shutil.which("hostelctl", path=str(Path(sys.executable).parent)) or "hostelctl"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,11 +44,18 @@ def open_bus(tmp_path: Path) -> Iterator[PrivateBus]:
 
 @pytest.fixture
 def hosteld(private_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonProcess]:
-    daemon = start_daemon(private_bus, tmp_path)
+    # A world-searchable runtime directory, as /run/hostel is: containers with
+    # --private-users run as an unprivileged host uid that must reach it.
+    runtime = Path(tempfile.mkdtemp(prefix="hostel-run-"))
+    runtime.chmod(0o755)
+    daemon = DaemonProcess(private_bus.address, runtime, tmp_path / "state", bus=private_bus)
+    daemon.log_path = tmp_path / "hosteld.log"
     try:
+        daemon.start()
         yield daemon
     finally:
         status = daemon.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
         assert status == 0, f"hosteld exited with {status} on SIGTERM:\n{daemon.log()}"
 
 
@@ -70,6 +79,24 @@ def busctl(bus: PrivateBus, *args: str, uid: int | None = None,
 
 def hostelctl(bus_address: str, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus_address)
-    exe = shutil.which("hostelctl", path=str(Path(sys.executable).parent)) or "hostelctl"
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env,
-                          timeout=60, **kwargs)
+    if "input" not in kwargs:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+    kwargs.setdefault("timeout", 60)
+    return subprocess.run([HOSTELCTL, *args], capture_output=True, text=True, env=env, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def busybox_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One busybox root built for the session; tests get copies (see `tree`)."""
+    base = tmp_path_factory.mktemp("busybox") / "tree"
+    subprocess.run([str(REPO / "scripts/make-busybox-tree"), str(base)], check=True,
+                   capture_output=True)
+    return base
+
+
+@pytest.fixture
+def tree(busybox_base: Path, tmp_path: Path) -> Path:
+    """A private busybox root directory for one test, named like a machine."""
+    copy = tmp_path / "bbox"
+    subprocess.run(["cp", "-a", str(busybox_base), str(copy)], check=True)
+    return copy

@@ -31,10 +31,60 @@ def _planned(issue: str) -> str:
 
 # Commands ------------------------------------------------------------------------
 
+def _machine(client: object, name: str) -> tuple[str, dict]:
+    (path,) = client.call(MACHINE_PATH, "org.hostel1.MachineManager", "GetMachine", "s", name)
+    return path, client.get_all(path, "org.hostel1.Machine")
+
+
+def _since(usec: int) -> str:
+    import time
+
+    if not usec:
+        return "n/a"
+    ago = max(0, int(time.time() - usec / 1e6))
+    stamp = time.strftime("%a %Y-%m-%d %H:%M:%S %Z", time.localtime(usec / 1e6))
+    return f"{stamp}; {ago // 60}min {ago % 60}s ago" if ago >= 60 else f"{stamp}; {ago}s ago"
+
+
+def cmd_machine_status(name: str, client: object) -> int:
+    """machinectl status, in its layout."""
+    from hostel.client import CallFailed
+
+    path, props = _machine(client, name)
+    try:
+        (release,) = client.call(path, "org.hostel1.Machine", "GetOSRelease")
+        os_name = release.get("PRETTY_NAME") or release.get("NAME", "")
+    except CallFailed:
+        os_name = ""
+    rows = [("Since", _since(props["Timestamp"])), ("Leader", str(props["Leader"])),
+            ("Service", f"{props['Service']}; class {props['Class']}"),
+            ("Root", props["RootDirectory"]),
+            ("Iface", " ".join(map(str, props["NetworkInterfaces"])) or "-"),
+            ("OS", os_name or "-"), ("Unit", props["Unit"] or "-"), ("State", props["State"])]
+    print(props["Name"])
+    for key, value in rows:
+        print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, client: object) -> int:
+    """machinectl show: every property as Name=value."""
+    _path, props = _machine(client, args.name)
+    for key in sorted(props):
+        value = props[key]
+        if key == "Id":
+            value = bytes(value).hex()
+        elif isinstance(value, list):
+            value = " ".join(map(str, value))
+        elif isinstance(value, dict):
+            value = " ".join(f"{k}={v[1]}" for k, v in sorted(value.items()))
+        print(f"{key}={value}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, client: object) -> int:
     if args.name:
-        print(f"hostelctl status NAME: {_planned('issue 3, machines')}", file=sys.stderr)
-        return EXIT_FAILED
+        return cmd_machine_status(args.name, client)
     from hostel.client import bus_address
 
     props = client.get_all(DAEMON_PATH, "org.hostel1.Daemon")
@@ -81,13 +131,6 @@ def cmd_kill(args: argparse.Namespace, client: object) -> int:
     return 0
 
 
-def cmd_cryptsetup_list(args: argparse.Namespace, client: object) -> int:
-    (volumes,) = client.call(CRYPTSETUP_PATH, "org.hostel1.CryptsetupManager", "ListVolumes")
-    for name, device, state, _path in volumes:
-        print(f"{name:<20} {device:<40} {state}")
-    return 0
-
-
 def cmd_image_list(args: argparse.Namespace, client: object) -> int:
     (images,) = client.call(GUEST_PATH, "org.hostel1.GuestManager", "ListImages")
     for name, digest, size in images:
@@ -126,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verb(sub, "list", "list running machines", cmd_list)
     status = _verb(sub, "status", "show the daemon's status, or a machine's with NAME", cmd_status)
     status.add_argument("name", nargs="?")
-    show = _verb(sub, "show", f"show a machine's properties {_planned('issue 3')}",
-                 not_yet("issue 3"))
+    show = _verb(sub, "show", "show a machine's properties", cmd_show)
     show.add_argument("name")
     terminate = _verb(sub, "terminate", "terminate machines", cmd_terminate)
     terminate.add_argument("names", nargs="+", metavar="NAME")
@@ -141,11 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crypt = sub.add_parser("cryptsetup", help="encrypted volumes from crypttab")
     crypt_sub = crypt.add_subparsers(title="cryptsetup commands", metavar="COMMAND")
-    _verb(crypt_sub, "list", "list volumes", cmd_cryptsetup_list)
-    for name, text in [("status", "show a volume"), ("check-key", "check a volume's key"),
-                       ("attach", "attach a volume"), ("detach", "detach a volume")]:
-        verb = _verb(crypt_sub, name, f"{text} {_planned('issue 4')}", not_yet("issue 4"))
-        verb.add_argument("name")
+    from hostel.cryptsetup.commands import add_commands
+
+    add_commands(crypt_sub, _verb)
 
     guest = sub.add_parser("guest", help="virtual-machine guests")
     guest_sub = guest.add_subparsers(title="guest commands", metavar="COMMAND")

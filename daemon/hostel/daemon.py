@@ -14,7 +14,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, PropertyAccess
 
 from hostel import __version__
 from hostel.bus import Dispatcher, connect_system_bus, request_name
-from hostel.cryptsetup.service import MANAGER_PATH as CRYPTSETUP_PATH, CryptsetupManagerInterface
+from hostel.cryptsetup.service import MANAGER_PATH as CRYPTSETUP_PATH, CryptsetupService
 from hostel.guest.service import MANAGER_PATH as GUEST_PATH, GuestManagerInterface
 from hostel.logsetup import setup_logging
 from hostel.machine.registry import Registry
@@ -87,7 +87,7 @@ async def serve(config: DaemonConfig) -> int:
     registry = Registry()
     runner = MachineRunner(registry, config.runtime_dir, machines_dir)
     MachineService(dispatcher, registry, runner, machines_dir)
-    dispatcher.export(CRYPTSETUP_PATH, CryptsetupManagerInterface())
+    await CryptsetupService(dispatcher).start()
     dispatcher.export(GUEST_PATH, GuestManagerInterface())
 
     if not await request_name(bus, BUS_NAME):

@@ -130,5 +130,15 @@ def pivot_root(new_root: str, put_old: str) -> None:
            f"pivot_root {new_root}")
 
 
+OPEN_TREE_CLONE = 1
+
+
+def open_tree(path: str, *, recursive: bool = True) -> int:
+    """A detached copy of the mount tree at `path`, to attach in another mount namespace."""
+    flags = OPEN_TREE_CLONE | lib.O_CLOEXEC | (lib.AT_RECURSIVE if recursive else 0)
+    return _check(lib.hostel_open_tree(lib.AT_FDCWD, os.fsencode(path), flags),
+                  f"open_tree {path}")
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check_libc(lib.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")

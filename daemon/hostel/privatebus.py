@@ -134,21 +134,20 @@ class DaemonProcess:
         return env
 
     def start(self, timeout: float = 20) -> "DaemonProcess":
-        notify_path = self.runtime_dir.parent / f"notify-{os.getpid()}-{id(self)}"
         self.runtime_dir.parent.mkdir(parents=True, exist_ok=True)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.bind(str(notify_path))
-            env = self.environment()
-            env["NOTIFY_SOCKET"] = str(notify_path)
+        if self.log_path is None:
             self.log_path = self.runtime_dir.parent / "hosteld.log"
+        # An abstract socket: nothing to clean up, no path length or permission limits.
+        notify_name = f"hostel-notify-{os.getpid()}-{id(self)}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind("\0" + notify_name)
+            env = self.environment()
+            env["NOTIFY_SOCKET"] = "@" + notify_name
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hostel.daemon", "--runtime-dir", str(self.runtime_dir),
                  "--state-dir", str(self.state_dir)],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"))
-            try:
-                self._wait_ready(notify, timeout)
-            finally:
-                notify_path.unlink()
+            self._wait_ready(notify, timeout)
         return self
 
     def _wait_ready(self, notify: socket.socket, timeout: float) -> None:

@@ -82,6 +82,12 @@ class Plan:
             flags = native.MS_BIND | native.MS_REMOUNT | extra_flags
             self.mount(None, target, None, flags | (native.MS_RDONLY if readonly else 0))
 
+    def attach_mount(self, mount_fd: int, target: str, what: str) -> None:
+        """Attach a detached mount (native.open_tree) at `target` in the child's namespace."""
+        self.fds.add(mount_fd)
+        self.add(Step(lib.HOSTEL_OP_MOVE_MOUNT, f"attach {what} on {target}", path=target,
+                      num=mount_fd))
+
     def umount(self, target: str, flags: int = 0) -> None:
         self.add(Step(lib.HOSTEL_OP_UMOUNT, f"umount {target}", path=target, num=flags))
 

@@ -280,6 +280,16 @@ class CgroupSet:
             except OSError as exc:
                 raise CgroupError(f"moving process {pid} into {procs}: {exc.strerror}") from exc
 
+    def allow_devices(self, nodes: Iterable[str]) -> None:
+        """Also let the container use these host nodes (e.g. the loop devices of its image,
+        which it mounts from inside the scope)."""
+        rules = device_rules([(node, "rw") for node in nodes])
+        for path in self.paths:
+            allow = os.path.join(path, "devices.allow")
+            if os.path.exists(allow):
+                for rule in rules:
+                    _write(allow, rule + "\n")
+
     def procs(self) -> set[int]:
         """Every process in the scope or below it, in any hierarchy."""
         pids: set[int] = set()

@@ -87,7 +87,8 @@ def open_in_root(root: str, path: str) -> int:
     itself, so an absolute symlink or a ".." in the guest's tree ends at the
     tree's root and never at the host's. Raises FileNotFoundError when absent."""
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-    stack = [os.open(root, flags | os.O_DIRECTORY)]
+    # The root itself is trusted (it may be /proc/PID/root, a magic link); what is inside is not.
+    stack = [os.open(root, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY)]
     todo = _components(path)
     links = 0
     try:

@@ -32,10 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "systemd-nspawn does. Options have systemd-nspawn's names and meaning.")
     for opt in OPTIONS:
         names = [f"--{opt.long}"] + ([f"-{opt.short}"] if opt.short else [])
-        if opt.optional_value is not None:
-            parser.add_argument(*names, dest=opt.key, nargs="?", const=opt.optional_value,
-                                metavar=opt.metavar, help=opt.help)
-        elif opt.signature == "b":
+        if opt.signature == "b":
             parser.add_argument(*names, dest=opt.key, action="store_true", default=None,
                                 help=opt.help)
         elif opt.signature == "as":
@@ -84,8 +81,36 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, dict[str, tuple[s
     return name, settings
 
 
+def normalize_optional_values(argv: list[str]) -> list[str]:
+    """Give bare --volatile / --private-users their implied value, as getopt does.
+
+    getopt only takes an optional value in the "--opt=value" form, so
+    "--volatile /bin/sh" means --volatile=yes and a command; argparse would take
+    /bin/sh as the value. Scanning stops at the first non-option, as nspawn's
+    option parsing does, so the command's own arguments are left alone."""
+    from hostel.machine.options import BY_LONG, BY_SHORT
+
+    out = list(argv)
+    i = 0
+    while i < len(out):
+        token = out[i]
+        if token == "--" or not token.startswith("-") or token == "-":
+            break
+        if token.startswith("--"):
+            name, has_value = token[2:].partition("=")[0], "=" in token
+            opt = BY_LONG.get(name)
+            if opt is not None and opt.optional_value is not None and not has_value:
+                out[i] = f"--{name}={opt.optional_value}"
+            elif opt is not None and opt.signature != "b" and not has_value:
+                i += 1  # its value is the next word
+        elif len(token) == 2 and token[1] in BY_SHORT and BY_SHORT[token[1]].signature != "b":
+            i += 1
+        i += 1
+    return out
+
+
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(normalize_optional_values(argv))
     name, settings = settings_from_args(args)
     from hostel.client import Client
 
@@ -104,21 +129,31 @@ class RunSession:
         self.signals_seen = 0
 
     def _start(self) -> str:
-        from jeepney import FileDescriptor
-
         settings = dict(self.settings)
         for key, fd in (("StandardInput", 0), ("StandardOutput", 1), ("StandardError", 2)):
             try:
                 os.fstat(fd)
             except OSError:
                 continue  # closed: the container gets /dev/null
-            settings[key] = ("h", FileDescriptor(fd))
+            # A plain int: jeepney's FileDescriptor wrapper would close our stdio.
+            settings[key] = ("h", fd)
         (path,) = self.client.call(MACHINE_PATH, MACHINE_MANAGER, "StartMachine", "sa{sv}",
                                    self.name, settings)
         return path
 
+    def _banner(self) -> None:
+        """What systemd-nspawn says before it starts a container (unless --quiet)."""
+        given = self.settings.get("Image") or self.settings.get("Directory")
+        where = given[1] if given else None
+        name = self.name or (os.path.basename(where.rstrip("/")) if where else "")
+        text = f"Spawning container {name}" + (f" on {where}." if where else ".")
+        print(text, file=sys.stderr, flush=True)
+
     def run(self) -> int:
         from jeepney import MatchRule
+
+        if not self.quiet:
+            self._banner()
 
         fields = dict(type="signal", interface="org.freedesktop.DBus.Properties",
                       member="PropertiesChanged", path_namespace=MACHINE_PATH)

@@ -83,8 +83,13 @@ class MachineRunner:
 
     async def start(self, settings: MachineSettings) -> Machine:
         """Start a container; the descriptors in settings.stdio belong to the runner from here."""
-        machine = self.registry.reserve(Machine(settings.name, settings=settings.raw,
-                                                root_directory=settings.directory or settings.image or ""))
+        try:
+            machine = self.registry.reserve(Machine(
+                settings.name, settings=settings.raw,
+                root_directory=settings.directory or settings.image or ""))
+        except HostelError:
+            settings.stdio.close()
+            raise
         runtime = Runtime(settings, runtime_dir=self.runtime_dir / "machines" / settings.name)
         machine.runtime = runtime
         try:
@@ -98,7 +103,15 @@ class MachineRunner:
             self.registry.remove(machine)
             raise
         runtime.watcher = asyncio.get_running_loop().create_task(self._watch(machine, runtime))
+        runtime.watcher.add_done_callback(lambda task: self._watch_done(machine, task))
         return machine
+
+    def _watch_done(self, machine: Machine, task: asyncio.Task) -> None:
+        """A watcher that died must not leave a machine registered that nobody watches."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("watching machine %s failed: %r", machine.name, task.exception())
+        self.registry.remove(machine)
 
     async def _launch(self, machine: Machine, runtime: Runtime) -> None:
         settings = runtime.settings
@@ -148,6 +161,7 @@ class MachineRunner:
         if not settings.keep_unit:
             runtime.cgroup = cgroups.create(settings.name, settings.slice)
             runtime.cleanup.callback(runtime.cgroup.remove)
+            runtime.cgroup.allow_devices(prepared_tree.devices)
         runtime.network = machine_network.NetworkSettings(
             settings.private_network, settings.network_veth, settings.network_bridge,
             settings.network_interfaces, settings.network_macvlan)
@@ -182,7 +196,7 @@ class MachineRunner:
                 break
             log.info("machine %s is rebooting", machine.name)
             self.registry.update(machine, state=State.OPENING)
-            await asyncio.to_thread(runtime.cleanup.close)
+            await self._cleanup(machine, runtime)
             runtime.cleanup = ExitStack()
             try:
                 await self._launch(machine, runtime)
@@ -202,12 +216,23 @@ class MachineRunner:
         else:
             status = info.returncode
         self.registry.update(machine, state=State.CLOSING)
-        await asyncio.to_thread(runtime.cleanup.close)  # cgroup removal waits for stragglers
+        await self._cleanup(machine, runtime)
         if runtime.console is not None:
             runtime.console.close()
         self.registry.update(machine, state=State.EXITED, exit_status=status)
         log.info("machine %s %s", machine.name, info.describe() if info else "failed to reboot")
         self.registry.remove(machine)
+
+    @staticmethod
+    async def _cleanup(machine: Machine, runtime: Runtime) -> None:
+        """Release what the machine held (in a thread: cgroup removal waits for stragglers).
+
+        A failure here must not keep the machine registered forever: it is
+        logged with the object it failed on, and the machine goes away."""
+        try:
+            await asyncio.to_thread(runtime.cleanup.close)
+        except (HostelError, OSError) as e:
+            log.error("cleaning up after machine %s: %s", machine.name, e)
 
     async def terminate(self, machine: Machine, timeout: float = TERMINATE_TIMEOUT) -> None:
         """Orderly: SIGRTMIN+3 to a booted init, SIGTERM otherwise, SIGKILL after `timeout`."""
@@ -291,10 +316,12 @@ def build_plan(settings: MachineSettings, prepared: Prepared, console: Console,
     devices.plan_kmsg(plan, root)
     if not settings.share_system:
         mounts.plan_boot_id(plan, root)
-    hostfiles.plan_timezone(plan, root, prepared.view, settings.name)
+    # With --volatile=yes the root is a fresh tmpfs: the tree's files are not in it.
+    view = None if settings.volatile == "yes" else prepared.view
+    hostfiles.plan_timezone(plan, root, view, settings.name)
     hostfiles.plan_resolv_conf(plan, root, settings.private_network)
-    hostfiles.plan_machine_id(plan, root, prepared.view, prepared.machine_id)
-    journal.plan_journal(plan, root, prepared.view, settings)
+    hostfiles.plan_machine_id(plan, root, view, prepared.machine_id)
+    journal.plan_journal(plan, root, view, settings)
     mounts.plan_binds(plan, root, settings.binds)
     mounts.plan_tmpfs(plan, root, settings.tmpfs)
     if not settings.share_system:

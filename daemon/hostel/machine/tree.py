@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from hostel import native
 from hostel.bus import InvalidArgs
 from hostel.machine import image, rootfs
 from hostel.machine.settings import MachineSettings
@@ -27,6 +28,7 @@ class PreparedRoot:
     view: str | None                  # readable tree on the host (None: image)
     mount_steps: Callable[[Plan], None] = lambda plan: None
     image_files: dict[str, bytes | None] = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)  # host nodes the container mounts
 
     def read_file(self, path: str) -> bytes | None:
         if self.view is None:
@@ -67,7 +69,28 @@ def prepare_root(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStac
         ephemeral = rootfs.EphemeralRoot(directory, str(runtime_dir))
         cleanup.callback(ephemeral.remove)
         return PreparedRoot(ephemeral.root, directory, ephemeral.add_to_plan)
+    if settings.private_users is not None:
+        return _root_through_descriptor(directory, runtime_dir, cleanup)
     return PreparedRoot(directory, directory)
+
+
+def _root_through_descriptor(directory: str, runtime_dir: Path,
+                             cleanup: ExitStack) -> PreparedRoot:
+    """Hand the tree to the child as a detached mount, not as a path.
+
+    In a user namespace the container's root is an unprivileged host uid,
+    which may not traverse the directories above the tree (/var/lib/machines
+    is 0700). The parent clones the tree's mount (open_tree) and the child
+    attaches it under the runtime directory, which is world-searchable."""
+    fd = native.open_tree(directory)
+    cleanup.callback(os.close, fd)
+    root = str(runtime_dir / "root")
+    os.makedirs(root, exist_ok=True)
+
+    def mount_steps(plan: Plan) -> None:
+        plan.attach_mount(fd, root, directory)
+
+    return PreparedRoot(root, directory, mount_steps)
 
 
 def _prepare_image(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStack) -> PreparedRoot:
@@ -79,4 +102,5 @@ def _prepare_image(settings: MachineSettings, runtime_dir: Path, cleanup: ExitSt
     os.makedirs(root, exist_ok=True)
     if dissected.personality is not None and settings.personality is None:
         settings.personality = dissected.personality  # an x86 root on x86-64, as the seed does
-    return PreparedRoot(root, None, lambda plan: mounts.add_to_plan(plan, root), files)
+    return PreparedRoot(root, None, lambda plan: mounts.add_to_plan(plan, root), files,
+                        [loop.device for loop in mounts.loops])
