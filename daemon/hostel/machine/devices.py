@@ -13,13 +13,15 @@ from hostel.spawn import Plan
 
 # The seed's copy_devnodes list.
 DEVNODES = ("null", "zero", "full", "random", "urandom", "tty", "net/tun")
+# The seed's dev_setup also linked /dev/core to /proc/kcore; systemd dropped it,
+# and a container has no business with the host's memory image.
 STD_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"),
-             ("/proc/self/fd/1", "stdout"), ("/proc/self/fd/2", "stderr"),
-             ("/proc/kcore", "core"))
+             ("/proc/self/fd/1", "stdout"), ("/proc/self/fd/2", "stderr"))
 
 
 def plan_devnodes(plan: Plan, root: str, userns: bool) -> None:
     plan.umask(0o000)
+    plan.mkdir(f"{root}/dev/char", 0o755)
     for name in DEVNODES:
         host = f"/dev/{name}"
         try:
@@ -36,6 +38,8 @@ def plan_devnodes(plan: Plan, root: str, userns: bool) -> None:
             plan.bind(host, target, recursive=False)
         else:
             plan.mknod(target, st.st_mode, st.st_rdev)
+        if stat.S_ISCHR(st.st_mode):  # /dev/char/MAJ:MIN, as udev (and nspawn) provide
+            plan.symlink(f"../{name}", f"{root}/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
     plan.umask(0o022)
     plan.symlink("pts/ptmx", f"{root}/dev/ptmx")
     for target, name in STD_LINKS:

@@ -32,13 +32,23 @@ class ApiMount:
     fatal: bool = True
 
 
+# Kernel interfaces under /proc a container may read but not change. Beyond the
+# seed's /proc/sys: what systemd-nspawn (v252, what users compare with) also
+# makes read-only. Missing ones are skipped.
+PROC_READ_ONLY = ("/proc/sys", "/proc/acpi", "/proc/apm", "/proc/asound", "/proc/bus",
+                  "/proc/fs", "/proc/irq", "/proc/scsi", "/proc/sysrq-trigger")
+
+
+def _read_only_bind(path: str, fatal: bool) -> list[ApiMount]:
+    return [ApiMount(path, path, None, None, native.MS_BIND, fatal=fatal),
+            ApiMount(None, path, None, None,
+                     native.MS_BIND | native.MS_RDONLY | native.MS_REMOUNT, fatal=fatal)]
+
+
 def api_mounts(userns_without_netns: bool) -> list[ApiMount]:
-    entries = [
-        ApiMount("proc", "/proc", "proc", None, API_FLAGS),
-        ApiMount("/proc/sys", "/proc/sys", None, None, native.MS_BIND),
-        ApiMount(None, "/proc/sys", None, None,
-                 native.MS_BIND | native.MS_RDONLY | native.MS_REMOUNT),
-    ]
+    entries = [ApiMount("proc", "/proc", "proc", None, API_FLAGS)]
+    for path in PROC_READ_ONLY:
+        entries += _read_only_bind(path, fatal=path == "/proc/sys")
     if userns_without_netns:  # sysfs may only be mounted by the owner of the netns
         entries += [ApiMount("/sys", "/sys", None, None, native.MS_BIND | native.MS_REC),
                     ApiMount(None, "/sys", None, None,
@@ -51,11 +61,10 @@ def api_mounts(userns_without_netns: bool) -> list[ApiMount]:
                  native.MS_NOSUID | native.MS_NOEXEC),
         ApiMount("tmpfs", "/dev/shm", "tmpfs", "mode=1777",
                  native.MS_NOSUID | native.MS_NODEV | native.MS_STRICTATIME),
+        ApiMount("mqueue", "/dev/mqueue", "mqueue", None, API_FLAGS),
         ApiMount("tmpfs", "/run", "tmpfs", "mode=755",
                  native.MS_NOSUID | native.MS_NODEV | native.MS_STRICTATIME),
-        ApiMount("/sys/fs/selinux", "/sys/fs/selinux", None, None, native.MS_BIND, fatal=False),
-        ApiMount(None, "/sys/fs/selinux", None, None,
-                 native.MS_BIND | native.MS_RDONLY | native.MS_REMOUNT, fatal=False),
+        *_read_only_bind("/sys/fs/selinux", fatal=False),
     ]
 
 
@@ -147,6 +156,7 @@ def plan_boot_id(plan: Plan, root: str) -> None:
     target = f"{root}/proc/sys/kernel/random/boot_id"
     plan.mount(source, target, None, native.MS_BIND)
     plan.mount(None, target, None, native.MS_BIND | native.MS_REMOUNT | native.MS_RDONLY)
+    plan.unlink(source)  # the mount keeps the file; /dev need not show it
 
 
 def plan_enter_root(plan: Plan, root: str) -> None:
