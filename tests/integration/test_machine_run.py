@@ -78,6 +78,12 @@ def test_command_is_searched_in_the_container_path(hosteld: DaemonProcess, tree:
     assert "find 'no-such-command' in the container's PATH" in missing.stderr
 
 
+def test_chdir(hosteld: DaemonProcess, tree: Path) -> None:
+    assert ok(sh(hosteld, tree, "pwd", "--chdir=/etc")) == "/etc\n"
+    assert ok(sh(hosteld, tree, "pwd")) == "/\n"
+    assert "not an absolute path" in sh(hosteld, tree, "pwd", "--chdir=etc").stderr
+
+
 def test_stdin_is_passed_through(hosteld: DaemonProcess, tree: Path) -> None:
     result = run(hosteld, "-D", str(tree), "/bin/cat", input="piped text\n")
     assert ok(result) == "piped text\n"

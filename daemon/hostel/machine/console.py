@@ -91,11 +91,21 @@ class Console:
             self.caller.stdout = None
             self._append_log(data)
 
+    def _close_payload(self) -> None:
+        for fd in self.payload_fds() - {-1}:
+            os.close(fd)
+        self.stdin = self.stdout = self.stderr = -1
+
+    def reopen_payload(self) -> None:
+        """A rebooting container needs the pty's slave again (the parent let go of it)."""
+        if self.tty_path is not None and self.stdin == -1:
+            self.stdin = os.open(self.tty_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            self.stdout, self.stderr = os.dup(self.stdin), os.dup(self.stdin)
+
     def close_payload_side(self) -> None:
         """After the child has its copies: the parent keeps only what it relays."""
         if self.master is not None:
-            for fd in self.payload_fds():
-                os.close(fd)
+            self._close_payload()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -107,9 +117,7 @@ class Console:
                 os.close(fd)
         self.master = None
         self._stop_r = self._stop_w = -1
-        if self.mode == "pipe":
-            for fd in self.payload_fds():
-                os.close(fd)
+        self._close_payload()  # still open in pipe mode, or if the start failed early
         self.caller.close()
 
 

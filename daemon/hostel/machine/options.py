@@ -73,6 +73,8 @@ OPTIONS: tuple[Option, ...] = (
            optional_value="yes"),
     Option("as-pid2", "AsPid2", "b", None, None, "run the command as PID 2 under a minimal stub init"),
     Option("console", "Console", "s", None, "MODE", "console mode: interactive, pipe or passive"),
+    Option("chdir", "WorkingDirectory", "s", None, "PATH",
+           "working directory of the command, inside the container"),
     Option("kill-signal", "KillSignal", "s", None, "SIGNAL",
            "signal that asks the container to stop (default: SIGRTMIN+3 with --boot, else SIGTERM)"),
 )
@@ -85,7 +87,7 @@ BY_SHORT = {opt.short: opt for opt in OPTIONS if opt.short}
 EXTRA_KEYS = {
     "Command": "as",          # the positional COMMAND [ARGS...]
     "LinkJournalTry": "b",    # the "try-" prefix of --link-journal, from -j
-    "WorkingDirectory": "s",  # hostelctl passes its cwd for relative defaults
+    "CallerDirectory": "s",   # the client's cwd: the root when no -D/-i/-M is given, as in nspawn
     "StandardInput": "h",
     "StandardOutput": "h",
     "StandardError": "h",

@@ -75,7 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, dict[str, tuple[s
         command = command[1:]
     if command:
         settings["Command"] = ("as", command)
-    settings["WorkingDirectory"] = ("s", os.getcwd())
+    settings["CallerDirectory"] = ("s", os.getcwd())
     if os.environ.get("TERM"):
         settings["Terminal"] = ("s", os.environ["TERM"])
     return name, settings

@@ -120,6 +120,8 @@ class MachineRunner:
         prepared = await asyncio.to_thread(self._prepare, settings, runtime)
         if runtime.console is None:
             runtime.console = open_console(settings.console, settings.stdio)
+        else:  # a reboot: same console, fresh descriptors for the new payload
+            runtime.console.reopen_payload()
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         try:
             plan = build_plan(settings, prepared, runtime.console, str(runtime.runtime_dir), go_r)
@@ -218,7 +220,10 @@ class MachineRunner:
         self.registry.update(machine, state=State.CLOSING)
         await self._cleanup(machine, runtime)
         if runtime.console is not None:
-            runtime.console.close()
+            try:
+                runtime.console.close()
+            except OSError as e:  # never keep "exited" from reaching the clients waiting for it
+                log.error("closing the console of machine %s: %s", machine.name, e)
         self.registry.update(machine, state=State.EXITED, exit_status=status)
         log.info("machine %s %s", machine.name, info.describe() if info else "failed to reboot")
         self.registry.remove(machine)
@@ -329,6 +334,8 @@ def build_plan(settings: MachineSettings, prepared: Prepared, console: Console,
     mounts.plan_enter_root(plan, root)
     plan.drop_bounding_caps(capabilities.bounding_drop_mask(prepared.retain))
     user_env = users.plan_change_user(plan, prepared.user)
+    if settings.working_directory:
+        plan.chdir(settings.working_directory)
     if prepared.personality is not None:
         plan.personality(prepared.personality)
     if settings.selinux_context:

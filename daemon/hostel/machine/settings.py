@@ -132,6 +132,8 @@ class MachineSettings:
     terminal: str | None = None
     stdio: Stdio = field(default_factory=Stdio)
     raw: dict[str, Any] = field(default_factory=dict)  # the validated input, for the Settings property
+    root_provider: Any = None        # (runtime_dir, cleanup) -> tree.PreparedRoot: a root made elsewhere (guest images)
+    working_directory: str | None = None  # chdir here (inside the container) before the command
 
 
 # Parsing of individual values ------------------------------------------------------
@@ -324,7 +326,9 @@ def from_dbus(name: str, raw: dict[str, Any], machines_dir: Path) -> MachineSett
         settings.link_journal_try = True
     settings.stdio = Stdio(values.get("StandardInput"), values.get("StandardOutput"),
                            values.get("StandardError"))
-    determine_names(settings, values.get("WorkingDirectory"), machines_dir)
+    if values.get("WorkingDirectory"):
+        settings.working_directory = _absolute(values["WorkingDirectory"], "--chdir")
+    determine_names(settings, values.get("CallerDirectory"), machines_dir)
     check_combinations(settings)
     return settings
 
@@ -338,7 +342,7 @@ def determine_names(settings: MachineSettings, cwd: str | None, machines_dir: Pa
         if settings.name:
             settings.directory = str(machines_dir / settings.name)
         elif cwd:
-            settings.directory = _absolute(cwd, "WorkingDirectory")
+            settings.directory = _absolute(cwd, "CallerDirectory")
         else:
             raise InvalidArgs("Failed to determine path, please use -D.")
     if not settings.name:

@@ -52,6 +52,8 @@ def _check_binary(settings: MachineSettings, view: str) -> None:
 
 
 def prepare_root(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStack) -> PreparedRoot:
+    if settings.root_provider is not None:
+        return settings.root_provider(runtime_dir, cleanup)
     if settings.image:
         return _prepare_image(settings, runtime_dir, cleanup)
     directory = settings.directory
