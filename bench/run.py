@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["dbus_roundtrip", "cli_startup", "generator.run"]
+BENCHMARKS = ["dbus_roundtrip", "cli_startup", "generator.run", "containers", "virtqueue"]
 
 
 def main(names: list[str]) -> int:

@@ -259,6 +259,8 @@ static int run_op(const struct hostel_op *op)
                 return sys_result(unlink(op->path));
         case HOSTEL_OP_FAIL:
                 return -(int)op->num;
+        case HOSTEL_OP_FCHDIR:
+                return sys_result(fchdir((int)op->num));
         case HOSTEL_OP_MOVE_MOUNT:
                 return sys_result(syscall(SYS_move_mount, (int)op->num, "", AT_FDCWD, op->path,
                                           MOVE_MOUNT_F_EMPTY_PATH));

@@ -46,6 +46,7 @@ enum hostel_op_kind {
         HOSTEL_OP_UNLINK,          /* path */
         HOSTEL_OP_FAIL,            /* num=errno: end the plan with this error (e.g. not found in PATH) */
         HOSTEL_OP_MOVE_MOUNT,      /* num=detached mount fd (open_tree), path=where to attach it */
+        HOSTEL_OP_FCHDIR,          /* num=directory fd: enter a tree we cannot name by path */
 };
 
 /* Modifiers in hostel_op.flags. */

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -54,9 +55,23 @@ def hosteld(private_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonProcess]:
         daemon.start()
         yield daemon
     finally:
+        terminate_all_machines(daemon)  # they would outlive hosteld, as they should
         status = daemon.stop()
         shutil.rmtree(runtime, ignore_errors=True)
         assert status == 0, f"hosteld exited with {status} on SIGTERM:\n{daemon.log()}"
+
+
+def terminate_all_machines(daemon: DaemonProcess) -> None:
+    if daemon.proc is None or daemon.proc.poll() is not None:
+        return
+    listing = hostelctl(daemon.address, "list").stdout.splitlines()
+    names = [line.split()[0] for line in listing[1:] if line.strip() and "machines listed" not in line]
+    for name in names:
+        hostelctl(daemon.address, "kill", name, "--signal=KILL")
+    for _ in range(100):
+        if "0 machines listed." in hostelctl(daemon.address, "list").stdout:
+            return
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -65,6 +80,7 @@ def hosteld_open(open_bus: PrivateBus, tmp_path: Path) -> Iterator[DaemonProcess
     try:
         yield daemon
     finally:
+        terminate_all_machines(daemon)
         daemon.stop()
 
 

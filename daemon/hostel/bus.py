@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextvars
+import copy
 import logging
 import os
 import socket
@@ -20,9 +21,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dbus_fast import DBusError, Message, MessageType
+from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
+from dbus_fast._private.util import replace_idx_with_fds
 from dbus_fast.service import ServiceInterface
 
 log = logging.getLogger(__name__)
@@ -188,13 +190,32 @@ class Dispatcher:
                     return interface, method
         return None
 
+    def _all_properties(self, msg: Message) -> Message:
+        """Properties.GetAll("") (every interface at once), which sd-bus clients such as
+        machinectl send and dbus-fast does not support."""
+        values: dict[str, Variant] = {}
+        for interface in self._interfaces[msg.path].values():
+            for prop in ServiceInterface._get_properties(interface):
+                if not prop.disabled and prop.access.readable():
+                    values[prop.name] = Variant(prop.signature, prop.prop_getter(interface))
+        return Message.new_method_return(msg, "a{sv}", [values])
+
     def _on_message(self, msg: Message) -> bool:
         if msg.message_type != MessageType.METHOD_CALL:
             return False
+        if (msg.interface == "org.freedesktop.DBus.Properties" and msg.member == "GetAll"
+                and msg.body == [""] and msg.path in self._interfaces):
+            self._bus.send(self._all_properties(msg))
+            return True
         found = self._find(msg)
         if found is None:
             return False  # dbus-fast answers: Introspect, Properties, unknown method
-        task = asyncio.get_running_loop().create_task(self._serve(msg, *found))
+        # dbus-fast hands consecutive messages without descriptors the same (empty)
+        # list object and later appends the next message's descriptors to it, so a
+        # message's unix_fds can grow after the fact. Take this message's own now,
+        # while it is the last one read.
+        fds = list(msg.unix_fds)
+        task = asyncio.get_running_loop().create_task(self._serve(msg, fds, *found))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -207,20 +228,23 @@ class Dispatcher:
             raise AccessDenied(f"{msg.interface or 'method'}.{msg.member} changes state and "
                                f"needs root; caller {msg.sender} has uid {uid}")
 
-    async def _serve(self, msg: Message, interface: ServiceInterface, method: Any) -> None:
+    async def _serve(self, msg: Message, fds: list[int], interface: ServiceInterface,
+                     method: Any) -> None:
         current_caller.set(Caller(msg.sender, self._bus))
         try:
-            reply = await self._call(msg, interface, method)
+            reply = await self._call(msg, fds, interface, method)
         finally:
-            for fd in msg.unix_fds or ():
+            for fd in fds:
                 os.close(fd)  # methods dup() any descriptor they keep
         if reply is not None and not msg.flags & 0x1:  # NO_REPLY_EXPECTED
             self._bus.send(reply)
 
-    async def _call(self, msg: Message, interface: ServiceInterface, method: Any) -> Message | None:
+    async def _call(self, msg: Message, fds: list[int], interface: ServiceInterface,
+                    method: Any) -> Message | None:
         try:
             await self._authorize(msg, method)
-            args = ServiceInterface._msg_body_to_args(msg)
+            args = replace_idx_with_fds(msg.signature, copy.deepcopy(msg.body), fds) \
+                if fds else msg.body
             result = method.fn(interface, *args)
             if asyncio.iscoroutine(result):
                 result = await result

@@ -25,10 +25,6 @@ GUEST_PATH = "/org/hostel1/guest"
 Handler = "Callable[[argparse.Namespace, object], int]"
 
 
-def _planned(issue: str) -> str:
-    return f"(not implemented yet: {issue})"
-
-
 # Commands ------------------------------------------------------------------------
 
 def _machine(client: object, name: str) -> tuple[str, dict]:
@@ -82,6 +78,23 @@ def cmd_show(args: argparse.Namespace, client: object) -> int:
     return 0
 
 
+def cmd_shell(args: argparse.Namespace, client: object) -> int:
+    """machinectl shell: a pty in the machine, relayed to this terminal until it hangs up."""
+    import os
+
+    user, _, name = args.name.rpartition("@")
+    path, _props = _machine(client, name)
+    command = list(args.rest)
+    env = [f"TERM={os.environ['TERM']}"] if os.environ.get("TERM") else []
+    master, _pty = client.call(path, "org.hostel1.Machine", "OpenShell", "ssasas", user,
+                               command[0] if command else "", command, env)
+    fd = master.to_raw_fd() if hasattr(master, "to_raw_fd") else int(master)
+    from hostel.machine.ptyrelay import relay
+
+    relay(fd)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace, client: object) -> int:
     if args.name:
         return cmd_machine_status(args.name, client)
@@ -131,21 +144,6 @@ def cmd_kill(args: argparse.Namespace, client: object) -> int:
     return 0
 
 
-def cmd_image_list(args: argparse.Namespace, client: object) -> int:
-    (images,) = client.call(GUEST_PATH, "org.hostel1.GuestManager", "ListImages")
-    for name, digest, size in images:
-        print(f"{name:<24} {digest:<20} {size}")
-    return 0
-
-
-def not_yet(issue: str) -> Handler:
-    def handler(args: argparse.Namespace, client: object) -> int:
-        print(f"hostelctl {args.verb}: not implemented yet ({issue})", file=sys.stderr)
-        return EXIT_FAILED
-    handler.needs_daemon = False
-    return handler
-
-
 # Parser --------------------------------------------------------------------------
 
 def _verb(sub: argparse._SubParsersAction, name: str, help_text: str,
@@ -177,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("names", nargs="+", metavar="NAME")
     kill.add_argument("--signal", "-s", default="SIGTERM")
     kill.add_argument("--kill-whom", choices=["leader", "all"], default="all")
-    shell = _verb(sub, "shell", f"open a shell in a machine {_planned('issue 3')}",
-                  not_yet("issue 3"))
-    shell.add_argument("rest", nargs=argparse.REMAINDER)
+    shell = _verb(sub, "shell", "open a shell (or run CMD) in a machine, on a pty", cmd_shell)
+    shell.add_argument("name", metavar="NAME")
+    shell.add_argument("rest", nargs=argparse.REMAINDER, metavar="CMD")
 
     crypt = sub.add_parser("cryptsetup", help="encrypted volumes from crypttab")
     crypt_sub = crypt.add_subparsers(title="cryptsetup commands", metavar="COMMAND")
@@ -189,22 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     guest = sub.add_parser("guest", help="virtual-machine guests")
     guest_sub = guest.add_subparsers(title="guest commands", metavar="COMMAND")
-    launch = _verb(guest_sub, "launch", f"launch a kernel, lguest launcher style "
-                   f"{_planned('issue 5')}", not_yet("issue 5"))
-    launch.add_argument("rest", nargs=argparse.REMAINDER)
-    grun = _verb(guest_sub, "run", f"run an imported OCI image {_planned('issue 6')}",
-                 not_yet("issue 6"))
-    grun.add_argument("rest", nargs=argparse.REMAINDER)
+    from hostel.guest.commands import add_commands as add_guest_commands
+    from hostel.guest.image_commands import add_guest_run, add_image_commands
+
+    add_guest_commands(guest_sub, _verb)
+    add_guest_run(guest_sub, _verb)
 
     image = sub.add_parser("image", help="OCI images for guests")
     image_sub = image.add_subparsers(title="image commands", metavar="COMMAND")
-    imp = _verb(image_sub, "import", f"import a docker-save or OCI archive "
-                f"{_planned('issue 6')}", not_yet("issue 6"))
-    imp.add_argument("rest", nargs=argparse.REMAINDER)
-    _verb(image_sub, "list", "list imported images", cmd_image_list)
-    remove = _verb(image_sub, "remove", f"remove an image {_planned('issue 6')}",
-                   not_yet("issue 6"))
-    remove.add_argument("name")
+    add_image_commands(image_sub, _verb)
     return parser
 
 

@@ -15,8 +15,10 @@ from dbus_fast.service import ServiceInterface, dbus_property, PropertyAccess
 from hostel import __version__
 from hostel.bus import Dispatcher, connect_system_bus, request_name
 from hostel.cryptsetup.service import MANAGER_PATH as CRYPTSETUP_PATH, CryptsetupService
-from hostel.guest.service import MANAGER_PATH as GUEST_PATH, GuestManagerInterface
+from hostel.guest.images_service import ImageService
+from hostel.guest.service import MANAGER_PATH as GUEST_PATH, GuestService
 from hostel.logsetup import setup_logging
+from hostel.machine import machine1
 from hostel.machine.registry import Registry
 from hostel.machine.runner import MachineRunner
 from hostel.machine.service import MANAGER_PATH as MACHINE_PATH, MachineService
@@ -86,15 +88,18 @@ async def serve(config: DaemonConfig) -> int:
     machines_dir = config.state_dir / "machines"
     registry = Registry()
     runner = MachineRunner(registry, config.runtime_dir, machines_dir)
-    MachineService(dispatcher, registry, runner, machines_dir)
+    machine_service = MachineService(dispatcher, registry, runner, machines_dir)
+    await runner.adopt()  # containers an earlier hosteld left running
     await CryptsetupService(dispatcher).start()
-    dispatcher.export(GUEST_PATH, GuestManagerInterface())
+    images = ImageService(config.state_dir / "images", config.runtime_dir, runner)
+    guests = GuestService(dispatcher, config.runtime_dir, images)
 
     if not await request_name(bus, BUS_NAME):
         log.error("%s is already owned on %s: another hosteld is running; stop it first",
                   BUS_NAME, _bus_address())
         bus.disconnect()
         return EXIT_NAME_TAKEN
+    await serve_machine1(bus, dispatcher, registry, machine_service)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -112,11 +117,28 @@ async def serve(config: DaemonConfig) -> int:
                   disconnected.exception() or "bus closed")
         return EXIT_BUS_UNAVAILABLE
     sd_notify("STOPPING=1")
-    log.info("stopping on signal")
-    await runner.stop_all()
+    # Containers do not depend on hosteld: they keep running, and the next
+    # hosteld adopts them from /run/hostel (as machined leaves machines alone).
+    log.info("stopping on signal; %d machines keep running", len(registry.all()))
+    await guests.stop_all()  # guests live in hosteld's launcher processes: not adoptable yet
     disconnected.cancel()
     bus.disconnect()
     return 0
+
+
+async def serve_machine1(bus, dispatcher: Dispatcher, registry: Registry,
+                         machine_service: MachineService) -> None:
+    """machined's name when it is free (machinectl then talks to us); else register with it."""
+    if await machine1.name_has_owner(bus, machine1.BUS_NAME):
+        await machine1.register_with_machined(bus, registry)
+        return
+    compat = machine1.Machine1Service(dispatcher, registry, machine_service)
+    compat.export()
+    if await request_name(bus, machine1.BUS_NAME):
+        log.info("serving %s for machinectl", machine1.BUS_NAME)
+    else:
+        log.warning("could not own %s; machinectl will not see hostel's machines",
+                    machine1.BUS_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:

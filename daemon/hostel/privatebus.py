@@ -60,13 +60,23 @@ OPEN_POLICY = """<policy context="default">
 REPO_POLICY_DIR = Path(__file__).resolve().parents[2] / "dbus"
 
 
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    """Until the bus accepts connections (the socket file exists before listen())."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not _accepts(path):
         if proc.poll() is not None:
             raise RuntimeError(f"dbus-daemon exited with status {proc.returncode} before listening")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"dbus-daemon did not create {path} within {timeout} s")
+            raise TimeoutError(f"dbus-daemon did not listen on {path} within {timeout} s")
         time.sleep(0.01)
 
 

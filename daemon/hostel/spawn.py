@@ -133,6 +133,10 @@ class Plan:
         self.add(Step(lib.HOSTEL_OP_CHDIR, f"chdir {path}", path=path,
                       flags=lib.HOSTEL_OPF_IGNORE_ERRORS if best_effort else 0))
 
+    def fchdir(self, fd: int, what: str) -> None:
+        self.fds.add(fd)
+        self.add(Step(lib.HOSTEL_OP_FCHDIR, f"change directory to {what}", num=fd))
+
     def umask(self, mask: int) -> None:
         self.add(Step(lib.HOSTEL_OP_UMASK, f"umask {mask:03o}", num=mask))
 

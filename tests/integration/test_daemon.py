@@ -65,10 +65,10 @@ def test_version_property(hosteld: DaemonProcess) -> None:
 
 def test_unimplemented_methods_say_so_and_never_pretend(hosteld: DaemonProcess) -> None:
     result = busctl(hosteld.bus, "call", "org.hostel1", "/org/hostel1/guest",
-                    "org.hostel1.GuestManager", "StartGuest", "sa{sv}", "vm", "0",
-                    check=False)
+                    "org.hostel1.GuestManager", "StartGuest", "sa{sv}", "vm", "2",
+                    "Image", "s", "busybox", "Isolation", "s", "vm", check=False)
     assert result.returncode != 0
-    assert "not implemented yet" in result.stderr and "issue 5" in result.stderr
+    assert "not implemented" in result.stderr
 
 
 def test_missing_objects_are_clear_errors(hosteld: DaemonProcess) -> None:

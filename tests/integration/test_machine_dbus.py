@@ -68,7 +68,7 @@ async def test_lifecycle_signals_and_properties(hosteld: DaemonProcess, tree: Pa
             return
         if msg.member in ("MachineNew", "MachineRemoved"):
             seen.append((msg.member, msg.body[0]))
-        elif msg.member == "PropertiesChanged" and msg.path.endswith("/life"):
+        elif msg.member == "PropertiesChanged" and msg.path == "/org/hostel1/machine/life":
             changed = {k: v.value for k, v in msg.body[1].items()}
             seen.append(("changed", changed))
 

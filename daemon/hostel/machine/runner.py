@@ -8,6 +8,7 @@ Every start either ends with a running machine or leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -22,8 +23,10 @@ from hostel.machine import network as machine_network
 from hostel.machine import tree, users, userns
 from hostel.machine import seccomp as machine_seccomp
 from hostel.machine.console import Console, open_console
-from hostel.machine.registry import Machine, Registry, State
+from hostel.machine.registry import Event, Machine, Registry, State
 from hostel.machine.settings import MachineSettings
+from hostel.machine.statefile import (SavedMachine, StateStore, process_start_time,
+                                      settings_from_json, settings_to_json)
 from hostel.spawn import Child, Plan, StepFailed, spawn, wait_exit
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INIT_PATHS = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/sbin/init")
 EXIT_REBOOT = 133
 TERMINATE_TIMEOUT = 10.0
+EXITED_GRACE = 300.0   # how long a machine found dead at adoption stays listed as "exited"
+STATUS_UNKNOWN = -1    # the exit status of a process that was not our child
 
 
 class MachineStartFailed(HostelError):
@@ -47,10 +52,12 @@ class Runtime:
     console: Console | None = None
     cgroup: cgroups.CgroupSet | None = None
     network: object | None = None
+    network_setup: machine_network.NetworkSetup | None = None
     cleanup: ExitStack = field(default_factory=ExitStack)
     runtime_dir: Path | None = None
     watcher: asyncio.Task | None = None
     terminating: bool = False
+    adopted: bool = False  # started by an earlier hosteld: not our child, status unknowable
 
 
 @dataclass
@@ -78,6 +85,103 @@ class MachineRunner:
         self.registry = registry
         self.runtime_dir = runtime_dir
         self.machines_dir = machines_dir
+        self.store = StateStore(runtime_dir / "machines")
+        registry.subscribe(self._persist)
+
+    # State on disk -------------------------------------------------------------------
+
+    def _persist(self, event: Event, machine: Machine, changed: dict) -> None:
+        """Keep /run/hostel/machines/NAME.json in step with every running machine."""
+        if event is Event.REMOVED:
+            self.store.delete(machine.name)
+        elif machine.state is State.RUNNING and machine.leader:
+            self.store.save(self._snapshot(machine))
+
+    @staticmethod
+    def _snapshot(machine: Machine) -> SavedMachine:
+        runtime: Runtime | None = machine.runtime
+        cgroup = runtime.cgroup if runtime else None
+        setup = runtime.network_setup if runtime else None
+        return SavedMachine(
+            name=machine.name, id=machine.id.hex(), klass=machine.klass, service=machine.service,
+            unit=machine.unit, leader=machine.leader, leader_start=process_start_time(machine.leader),
+            root_directory=machine.root_directory, timestamp_us=machine.timestamp_us,
+            timestamp_monotonic_us=machine.timestamp_monotonic_us,
+            network_interfaces=list(machine.network_interfaces),
+            settings=settings_to_json(machine.settings),
+            cgroup=dataclasses.asdict(cgroup) if cgroup else None,
+            network=dataclasses.asdict(setup) if setup else None,
+            runtime_dir=str(runtime.runtime_dir) if runtime and runtime.runtime_dir else "",
+            registered_only=machine.registered_only)
+
+    async def adopt(self) -> None:
+        """Take back the machines an earlier hosteld left running (or note that they ended)."""
+        for saved in self.store.load():
+            machine = Machine(saved.name, id=bytes.fromhex(saved.id), klass=saved.klass,
+                              service=saved.service, unit=saved.unit, leader=saved.leader,
+                              root_directory=saved.root_directory, state=State.RUNNING,
+                              timestamp_us=saved.timestamp_us,
+                              timestamp_monotonic_us=saved.timestamp_monotonic_us,
+                              network_interfaces=saved.network_interfaces,
+                              settings=settings_from_json(saved.settings),
+                              registered_only=saved.registered_only)
+            runtime = self._adopted_runtime(saved, machine)
+            machine.runtime = runtime
+            self.registry.reserve(machine)
+            if runtime.child is not None:
+                log.info("adopted machine %s (leader %d)", machine.name, machine.leader)
+                runtime.watcher = asyncio.get_running_loop().create_task(
+                    self._watch_adopted(machine, runtime))
+            else:
+                log.info("machine %s exited while hosteld was down", machine.name)
+                await self._cleanup(machine, runtime)
+                self.registry.update(machine, state=State.EXITED, exit_status=STATUS_UNKNOWN)
+                asyncio.get_running_loop().call_later(EXITED_GRACE, self.registry.remove, machine)
+
+    def _adopted_runtime(self, saved: SavedMachine, machine: Machine) -> Runtime:
+        runtime = Runtime(self._saved_settings(saved), adopted=True,
+                          runtime_dir=Path(saved.runtime_dir) if saved.runtime_dir else None)
+        if saved.cgroup:
+            runtime.cgroup = cgroups.CgroupSet(**{**saved.cgroup,
+                                                  "paths": tuple(saved.cgroup["paths"])})
+            runtime.cleanup.callback(runtime.cgroup.remove)
+        if saved.network:
+            runtime.network_setup = machine_network.NetworkSetup(**saved.network)
+            runtime.cleanup.callback(machine_network.teardown_network, runtime.network_setup)
+        if runtime.runtime_dir is not None:
+            runtime.cleanup.callback(_remove_tree, runtime.runtime_dir)
+        if saved.leader_start is not None and process_start_time(saved.leader) == saved.leader_start:
+            try:
+                runtime.child = Child(saved.leader, native.pidfd_open(saved.leader), Plan(), -1)
+            except ProcessLookupError:
+                pass  # it ended just now
+        return runtime
+
+    def _saved_settings(self, saved: SavedMachine) -> MachineSettings:
+        from hostel.bus import InvalidArgs
+        from hostel.machine.settings import from_dbus
+
+        try:
+            return from_dbus(saved.name, settings_from_json(saved.settings), self.machines_dir)
+        except InvalidArgs as e:
+            log.warning("machine %s: saved settings no longer valid (%s); keeping defaults",
+                        saved.name, e)
+            return MachineSettings(saved.name)
+
+    async def _watch_adopted(self, machine: Machine, runtime: Runtime) -> None:
+        """Not our child: the pidfd tells us when it ends, but not how."""
+        await _readable(runtime.child.pidfd)
+        runtime.child.close()
+        await self._finish(machine, runtime, STATUS_UNKNOWN,
+                           "exited (status unknown: it was started by an earlier hosteld)")
+
+    def track_registered(self, machine: Machine) -> None:
+        """RegisterMachine's processes are not ours either: notice when they end."""
+        runtime = Runtime(MachineSettings(machine.name), adopted=True)
+        runtime.child = Child(machine.leader, native.pidfd_open(machine.leader), Plan(), -1)
+        machine.runtime = runtime
+        runtime.watcher = asyncio.get_running_loop().create_task(
+            self._watch_adopted(machine, runtime))
 
     # Start ---------------------------------------------------------------------------
 
@@ -183,6 +287,7 @@ class MachineRunner:
             setup = await asyncio.to_thread(machine_network.setup_network, runtime.network,
                                             settings.name, child.pid)
             runtime.cleanup.callback(machine_network.teardown_network, setup)
+            runtime.network_setup = setup
             self.registry.update(machine, network_interfaces=list(setup.interfaces))
 
     # Watch, stop ---------------------------------------------------------------------
@@ -204,19 +309,14 @@ class MachineRunner:
                 await self._launch(machine, runtime)
             except HostelError as e:
                 log.error("rebooting machine %s failed: %s", machine.name, e)
-                info = None
-                break
-        await self._finish(machine, runtime, info)
-
-    async def _finish(self, machine: Machine, runtime: Runtime,
-                      info: native.ExitInfo | None) -> None:
+                await self._finish(machine, runtime, 1, f"failed to reboot: {e}")
+                return
         # A shutdown (SIGINT from reboot(2) in the container) is a clean exit.
-        if info is None:
-            status = 1
-        elif not info.exited and info.status == signal.SIGINT and runtime.settings.boot:
-            status = 0
-        else:
-            status = info.returncode
+        clean_shutdown = not info.exited and info.status == signal.SIGINT and runtime.settings.boot
+        await self._finish(machine, runtime, 0 if clean_shutdown else info.returncode,
+                           info.describe())
+
+    async def _finish(self, machine: Machine, runtime: Runtime, status: int, how: str) -> None:
         self.registry.update(machine, state=State.CLOSING)
         await self._cleanup(machine, runtime)
         if runtime.console is not None:
@@ -225,7 +325,7 @@ class MachineRunner:
             except OSError as e:  # never keep "exited" from reaching the clients waiting for it
                 log.error("closing the console of machine %s: %s", machine.name, e)
         self.registry.update(machine, state=State.EXITED, exit_status=status)
-        log.info("machine %s %s", machine.name, info.describe() if info else "failed to reboot")
+        log.info("machine %s %s", machine.name, how)
         self.registry.remove(machine)
 
     @staticmethod
@@ -272,9 +372,16 @@ class MachineRunner:
         except ProcessLookupError:
             pass  # already gone: the watcher will see it
 
-    async def stop_all(self) -> None:
-        await asyncio.gather(*(self.terminate(m) for m in self.registry.all()
-                               if m.runtime is not None), return_exceptions=True)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _remove_tree(path: Path) -> None:

@@ -15,7 +15,7 @@ from dbus_fast import Variant
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from hostel.bus import Dispatcher, InvalidArgs, NoSuchObject, escape_path_label, mutating
-from hostel.machine import rootfs, settings as machine_settings
+from hostel.machine import enter, rootfs, settings as machine_settings
 from hostel.machine.registry import Event, Machine, Registry, State
 from hostel.machine.runner import MachineRunner, MachineStartFailed
 from hostel.machine.settings import Stdio
@@ -144,6 +144,19 @@ class MachineInterface(ServiceInterface):
     def GetOSRelease(self) -> "a{ss}":
         return os_release(self.machine)
 
+    @dbus_method()
+    @mutating
+    def OpenPTY(self) -> "hs":
+        pty, slave = enter.open_pty(self.machine)
+        os.close(slave)
+        return [pty.master, pty.path]
+
+    @dbus_method()
+    @mutating
+    async def OpenShell(self, user: "s", path: "s", args: "as", environment: "as") -> "hs":
+        pty = await enter.open_shell(self.machine, user, path, args, environment)
+        return [pty.master, pty.path]
+
 
 class MachineManagerInterface(ServiceInterface):
     def __init__(self, service: "MachineService") -> None:
@@ -248,13 +261,14 @@ class MachineService:
             raise InvalidArgs(f"root directory {root_directory!r} is not absolute")
         machine = Machine(name, id=machine_id or os.urandom(16), klass=klass or "container",
                           service=service, leader=leader, root_directory=root_directory,
-                          state=State.RUNNING, registered_only=True)
+                          state=State.OPENING, registered_only=True)
         self.registry.reserve(machine)
+        self.runner.track_registered(machine)
+        self.registry.update(machine, state=State.RUNNING)
         return machine_path(name)
 
     async def terminate(self, machine: Machine) -> None:
-        if machine.registered_only:
-            os.kill(machine.leader, signals.SIGTERM)
+        if machine.state is State.EXITED:  # found dead at adoption: forget it now
             self.registry.remove(machine)
             return
         await self.runner.terminate(machine)
@@ -262,8 +276,4 @@ class MachineService:
     def kill(self, machine: Machine, who: str, signal: int) -> None:
         if who not in KILL_WHO and who != "":
             raise InvalidArgs(f"invalid kill target {who!r}: leader or all")
-        sig = parse_signal(signal)
-        if machine.registered_only:
-            os.kill(machine.leader, sig)
-            return
-        self.runner.kill(machine, who or "all", sig)
+        self.runner.kill(machine, who or "all", parse_signal(signal))

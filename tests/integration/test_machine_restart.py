@@ -1,0 +1,96 @@
+"""Machines outlive hosteld: kill -9 the daemon, start it again, and take them back."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from hostel.privatebus import DaemonProcess, PrivateBus
+
+from conftest import HOSTELCTL, busctl, hostelctl
+
+COUNT = 5
+
+
+def machines(daemon: DaemonProcess) -> dict[str, dict]:
+    out = busctl(daemon.bus, "--json=short", "call", "org.hostel1", "/org/hostel1/machine",
+                 "org.hostel1.MachineManager", "ListMachines").stdout
+    result = {}
+    for name, _cls, state, path in json.loads(out)["data"][0]:
+        props = json.loads(busctl(daemon.bus, "--json=short", "call", "org.hostel1", path,
+                                  "org.freedesktop.DBus.Properties", "GetAll", "s",
+                                  "org.hostel1.Machine").stdout)["data"][0]
+        result[name] = {key: value["data"] for key, value in props.items()}
+    return result
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_sigkill_restart_adopts_every_machine(private_bus: PrivateBus, tree: Path,
+                                              tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    first = DaemonProcess(private_bus.address, runtime, tmp_path / "state", bus=private_bus).start()
+    second = None
+    clients = []
+    try:
+        for i in range(COUNT):
+            extra = ["--network-veth"] if i == 0 else []
+            clients.append(subprocess.Popen(
+                [HOSTELCTL, "run", "-q", "-D", str(tree), "-M", f"keep{i}", "--as-pid2", *extra,
+                 "/bin/sh", "-c", "sleep 300"],
+                env=first.environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        wait_for(lambda: sum(m["State"] == "running" for m in machines(first).values()) == COUNT)
+        before = machines(first)
+        first.stop(signal.SIGKILL)
+        for client in clients:
+            client.kill()  # they were waiting on the daemon that died
+        # One machine ends while no hosteld is running.
+        os.kill(before["keep4"]["Leader"], signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{before['keep4']['Leader']}/stat")
+                 or "Z" in open(f"/proc/{before['keep4']['Leader']}/stat").read().split()[2])
+
+        second = DaemonProcess(private_bus.address, runtime, tmp_path / "state",
+                               bus=private_bus).start()
+        after = machines(second)
+        assert set(after) == set(before)
+        for name in ("keep0", "keep1", "keep2", "keep3"):
+            for key in ("Leader", "Id", "RootDirectory", "Unit", "Settings", "Timestamp",
+                        "NetworkInterfaces"):
+                assert after[name][key] == before[name][key], (name, key)
+            assert after[name]["State"] == "running"
+        assert after["keep4"]["State"] == "exited"
+        assert "keep0" in hostelctl(second.address, "list").stdout
+
+        # The adopted machines can be terminated, and their end is observed.
+        for name in ("keep0", "keep1", "keep2", "keep3"):
+            assert hostelctl(second.address, "terminate", name).returncode == 0
+        assert hostelctl(second.address, "terminate", "keep4").returncode == 0
+        wait_for(lambda: machines(second) == {})
+        assert not any(Path(runtime, "machines").glob("*.json"))
+        assert "ve-keep0" not in subprocess.run(["ip", "-o", "link"], capture_output=True,
+                                                text=True).stdout
+        scopes = subprocess.run(["find", "/sys/fs/cgroup", "-name", "machine-keep*.scope"],
+                                capture_output=True, text=True).stdout
+        assert scopes == ""
+        for name in before:
+            assert not os.path.exists(f"/proc/{before[name]['Leader']}/cmdline") or \
+                "Z" in open(f"/proc/{before[name]['Leader']}/stat").read().split()[2]
+    finally:
+        for daemon in (second, first):
+            if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
+                for name in machines(daemon):
+                    hostelctl(daemon.address, "kill", name, "--signal=KILL")
+                daemon.stop()
+        for client in clients:
+            client.kill()
+            client.wait()
