@@ -20,9 +20,12 @@ def machines(daemon: DaemonProcess) -> dict[str, dict]:
                  "org.hostel1.MachineManager", "ListMachines").stdout
     result = {}
     for name, _cls, state, path in json.loads(out)["data"][0]:
-        props = json.loads(busctl(daemon.bus, "--json=short", "call", "org.hostel1", path,
-                                  "org.freedesktop.DBus.Properties", "GetAll", "s",
-                                  "org.hostel1.Machine").stdout)["data"][0]
+        got = busctl(daemon.bus, "--json=short", "call", "org.hostel1", path,
+                     "org.freedesktop.DBus.Properties", "GetAll", "s", "org.hostel1.Machine",
+                     check=False)
+        if got.returncode != 0:
+            continue  # gone between the list and the read (e.g. a start that failed)
+        props = json.loads(got.stdout)["data"][0]
         result[name] = {key: value["data"] for key, value in props.items()}
     return result
 
