@@ -38,7 +38,33 @@ def run_demo(address: str) -> None:
     show("busctl", f"--address={address}", "introspect", "org.hostel1", "/org/hostel1/machine",
          env=env)
     show("hostelctl", "status", env=env)
+    show("hostelctl", "run", "-M", "busybox", "/bin/sh", "-c",
+         "echo hello from $(hostname), pid $$; id; grep PRETTY /etc/os-release", env=env)
     show("hostelctl", "list", env=env)
+
+
+DEMO_CRYPTTAB = """# an embedded example crypttab
+home UUID=11111111-2222-3333-4444-555555555555 /etc/keys/home.key luks,discard
+swap /dev/sdb2 /dev/urandom swap,cipher=aes-xts-plain64,size=256
+"""
+
+
+def run_generator(work: Path) -> None:
+    """hostel-cryptsetup-generator on an embedded crypttab, as systemd would run it at boot."""
+    tab = work / "crypttab"
+    tab.write_text(DEMO_CRYPTTAB)
+    out = [work / "generator" / d for d in ("normal", "early", "late")]
+    for directory in out:
+        directory.mkdir(parents=True)
+    env = dict(os.environ, SYSTEMD_CRYPTTAB=str(tab), SYSTEMD_PROC_CMDLINE="",
+               SYSTEMD_IN_INITRD="0", RUNTIME_DIRECTORY=str(work / "generator-run"))
+    print(f"\n$ hostel-cryptsetup-generator {' '.join(map(str, out))}   # crypttab:\n{DEMO_CRYPTTAB}")
+    subprocess.run([str(VENV_BIN / "hostel-cryptsetup-generator"), *map(str, out)], env=env,
+                   check=True)
+    for path in sorted(out[0].rglob("*")):
+        if path.is_file() and path.suffix == ".service":
+            print(f"--- {path.relative_to(out[0])}")
+            print(path.read_text())
 
 
 def main() -> int:
@@ -57,6 +83,7 @@ def main() -> int:
             daemon.start()
             print(f"==> hosteld is running (pid {daemon.proc.pid}) and reported READY=1")
             run_demo(address)
+            run_generator(work)
         finally:
             status = daemon.stop()
             print(f"\n==> hosteld stopped (exit status {status})")
