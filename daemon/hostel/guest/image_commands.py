@@ -128,15 +128,8 @@ def cmd_guest_run(args: "argparse.Namespace", client: "Any") -> int:
         """hostelctl run's waiting and signal forwarding, started through StartGuest."""
 
         def _start(self) -> str:
-            settings = dict(self.settings)
-            for key, fd in (("StandardInput", 0), ("StandardOutput", 1), ("StandardError", 2)):
-                try:
-                    os.fstat(fd)
-                except OSError:
-                    continue   # closed: the guest gets /dev/null
-                settings[key] = ("h", fd)
             (path,) = self.client.call(GUEST_PATH, MANAGER, "StartGuest", "sa{sv}", self.name,
-                                       settings)
+                                       self.with_stdio())
             return path
 
         def _banner(self) -> None:

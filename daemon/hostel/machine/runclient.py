@@ -128,17 +128,21 @@ class RunSession:
         self.boot = bool(settings.get("Boot"))
         self.signals_seen = 0
 
-    def _start(self) -> str:
+    def with_stdio(self) -> dict[str, tuple[str, Any]]:
+        """The settings plus this terminal's open standard descriptors."""
         settings = dict(self.settings)
         for key, fd in (("StandardInput", 0), ("StandardOutput", 1), ("StandardError", 2)):
             try:
                 os.fstat(fd)
             except OSError:
-                continue  # closed: the container gets /dev/null
+                continue  # closed: the payload gets /dev/null
             # A plain int: jeepney's FileDescriptor wrapper would close our stdio.
             settings[key] = ("h", fd)
+        return settings
+
+    def _start(self) -> str:
         (path,) = self.client.call(MACHINE_PATH, MACHINE_MANAGER, "StartMachine", "sa{sv}",
-                                   self.name, settings)
+                                   self.name, self.with_stdio())
         return path
 
     def _banner(self) -> None:
