@@ -93,6 +93,7 @@ async def serve(config: DaemonConfig) -> int:
     await CryptsetupService(dispatcher).start()
     images = ImageService(config.state_dir / "images", config.runtime_dir, runner)
     guests = GuestService(dispatcher, config.runtime_dir, images)
+    guests.adopt()
 
     if not await request_name(bus, BUS_NAME):
         log.error("%s is already owned on %s: another hosteld is running; stop it first",
@@ -117,10 +118,10 @@ async def serve(config: DaemonConfig) -> int:
                   disconnected.exception() or "bus closed")
         return EXIT_BUS_UNAVAILABLE
     sd_notify("STOPPING=1")
-    # Containers do not depend on hosteld: they keep running, and the next
-    # hosteld adopts them from /run/hostel (as machined leaves machines alone).
-    log.info("stopping on signal; %d machines keep running", len(registry.all()))
-    await guests.stop_all()  # guests live in hosteld's launcher processes: not adoptable yet
+    # Containers and guests do not depend on hosteld: they keep running, and the
+    # next hosteld adopts them from /run/hostel (as machined leaves machines alone).
+    log.info("stopping on signal; %d machines and %d guests keep running",
+             len(registry.all()), len(guests.manager.guests))
     disconnected.cancel()
     bus.disconnect()
     return 0

@@ -335,6 +335,17 @@ def spawn(plan: Plan, clone_flags: int = 0) -> Child:
     return Child(pid, pidfd[0], plan, report_r)
 
 
+async def wait_readable(fd: int) -> None:
+    """Until `fd` is readable: for a pidfd of a process that is not our child, its end."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 async def wait_exit(pidfd: int) -> native.ExitInfo:
     """Wait for the process behind `pidfd` to exit, from the event loop (no SIGCHLD)."""
     loop = asyncio.get_running_loop()

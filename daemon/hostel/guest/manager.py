@@ -20,9 +20,10 @@ from typing import Callable
 from hostel import native
 from hostel.bus import AlreadyExists, NoSuchObject
 from hostel.guest.errors import GuestError
-from hostel.guest.launcher import settings_to_json
+from hostel.guest.launcher import settings_from_json, settings_to_json
 from hostel.guest.settings import GuestSettings
-from hostel.spawn import Plan, spawn, wait_exit
+from hostel.machine.statefile import process_start_time
+from hostel.spawn import Plan, spawn, wait_exit, wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -112,29 +113,89 @@ class GuestManager:
             os.close(input_fd)
         guest.pid, guest.pidfd = child.pid, child.pidfd
         self.guests[name] = guest
-        task = asyncio.get_running_loop().create_task(self._watch(guest, exit_file))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._save(guest)
+        self._track(self._watch(guest, exit_file))
         log.info("guest %s started: launcher pid %d", name, guest.pid)
         return guest
 
-    async def _watch(self, guest: Guest, exit_file: Path) -> None:
-        info = await wait_exit(guest.pidfd)
+    def _track(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    # A guest's launcher does not need hosteld: what a new hosteld needs to take it
+    # back is kept in guests/NAME.json (the launcher reports how the guest ended in
+    # guests/NAME.exit, which works across a restart too).
+
+    def _state_file(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def _save(self, guest: Guest) -> None:
+        state = {"name": guest.name, "settings": settings_to_json(guest.settings),
+                 "pid": guest.pid, "start": process_start_time(guest.pid),
+                 "console_log": str(guest.console_log) if guest.console_log else None,
+                 "started_usec": guest.started_usec}
+        tmp = self.dir / f".{guest.name}.json.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self._state_file(guest.name))
+
+    def adopt(self) -> list[Guest]:
+        """The guests an earlier hosteld left: running ones are watched again."""
+        adopted = []
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
+            try:
+                state = json.loads(path.read_text())
+                guest = Guest(state["name"], settings_from_json(state["settings"]),
+                              Path(state["console_log"]) if state["console_log"] else None,
+                              pid=state["pid"], started_usec=state["started_usec"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("ignoring guest state %s: %s", path, e)
+                continue
+            self.guests[guest.name] = guest
+            adopted.append(guest)
+            exit_file = self.dir / f"{guest.name}.exit"
+            alive = state["start"] is not None and process_start_time(guest.pid) == state["start"]
+            try:
+                guest.pidfd = native.pidfd_open(guest.pid) if alive else -1
+            except ProcessLookupError:
+                guest.pidfd = -1
+            if guest.pidfd >= 0:
+                log.info("adopted guest %s (launcher pid %d)", guest.name, guest.pid)
+                self._track(self._watch(guest, exit_file, adopted=True))
+            else:
+                self._record_exit(guest, exit_file, None)
+        return adopted
+
+    async def _watch(self, guest: Guest, exit_file: Path, adopted: bool = False) -> None:
+        if adopted:  # not our child: the pidfd says when, the exit file says how
+            await wait_readable(guest.pidfd)
+            info = None
+        else:
+            info = await wait_exit(guest.pidfd)
         os.close(guest.pidfd)
         guest.pidfd = -1
+        self._record_exit(guest, exit_file, info)
+        self._on_change(guest)
+
+    def _record_exit(self, guest: Guest, exit_file: Path, info: native.ExitInfo | None) -> None:
         try:
             result = json.loads(exit_file.read_text())
             guest.exit_reason, guest.exit_detail = result["reason"], result["detail"]
             guest.exit_status = result["code"] if result["reason"] == "poweroff" else -1
         except (OSError, ValueError, KeyError):
-            guest.exit_reason = "killed" if not info.exited else "launcher-failed"
-            guest.exit_detail = (f"the launcher ended (status {info.status}) without reporting "
-                                 "why; see the console log")
+            if info is None:  # adopted: only the launcher's absence is known
+                guest.exit_reason = "killed"
+                guest.exit_detail = "the launcher ended without reporting why (it was started " \
+                                    "by an earlier hosteld)"
+            else:
+                guest.exit_reason = "killed" if not info.exited else "launcher-failed"
+                guest.exit_detail = (f"the launcher ended (status {info.status}) without "
+                                     "reporting why; see the console log")
         exit_file.unlink(missing_ok=True)
+        self._state_file(guest.name).unlink(missing_ok=True)
         guest.state = EXITED
         guest.exited.set()
         log.info("guest %s exited: %s", guest.name, guest.exit_detail)
-        self._on_change(guest)
 
     def get(self, name: str) -> Guest:
         try:

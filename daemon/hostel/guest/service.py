@@ -193,5 +193,12 @@ class GuestService:
                                          "ExitReason": guest.exit_reason,
                                          "ExitDetail": guest.exit_detail})
 
+    def adopt(self) -> None:
+        """Export the guests an earlier hosteld left (running or, if they ended, exited)."""
+        for guest in self.manager.adopt():
+            obj = GuestInterface(guest, self.terminate)
+            self.objects[guest.name] = obj
+            self._dispatcher.export(guest_path(guest.name), obj)
+
     async def stop_all(self) -> None:
         await self.manager.stop_all()

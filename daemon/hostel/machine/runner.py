@@ -27,7 +27,7 @@ from hostel.machine.registry import Event, Machine, Registry, State
 from hostel.machine.settings import MachineSettings
 from hostel.machine.statefile import (SavedMachine, StateStore, process_start_time,
                                       settings_from_json, settings_to_json)
-from hostel.spawn import Child, Plan, StepFailed, spawn, wait_exit
+from hostel.spawn import Child, Plan, StepFailed, spawn, wait_exit, wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class MachineRunner:
 
     async def _watch_adopted(self, machine: Machine, runtime: Runtime) -> None:
         """Not our child: the pidfd tells us when it ends, but not how."""
-        await _readable(runtime.child.pidfd)
+        await wait_readable(runtime.child.pidfd)
         runtime.child.close()
         await self._finish(machine, runtime, STATUS_UNKNOWN,
                            "exited (status unknown: it was started by an earlier hosteld)")
@@ -372,16 +372,6 @@ class MachineRunner:
         except ProcessLookupError:
             pass  # already gone: the watcher will see it
 
-
-
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 def _remove_tree(path: Path) -> None:
