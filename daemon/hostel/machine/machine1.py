@@ -399,14 +399,21 @@ class Machine1Service:
 
 async def register_with_machined(bus: MessageBus, registry: Registry) -> None:
     """A real machined owns the name: tell it about our containers as nspawn does."""
+    def manager_call(member: str, signature: str, body: list[Any]) -> None:
+        bus.send(Message(destination=BUS_NAME, path=MANAGER_PATH,
+                         interface="org.freedesktop.machine1.Manager", member=member,
+                         signature=signature, body=body))
+
     def on_event(event: Event, machine: Machine, changed: dict[str, Any]) -> None:
+        if machine.registered_only:
+            return  # registered with us by someone else; machined is theirs to tell
         if event is Event.CHANGED and changed.get("state") is State.RUNNING:
-            bus.send(Message(destination=BUS_NAME, path=MANAGER_PATH,
-                             interface="org.freedesktop.machine1.Manager",
-                             member="RegisterMachineWithNetwork", signature="sayssusai",
-                             body=[machine.name, machine.id, "hostel", machine.klass,
-                                   machine.leader, machine.root_directory,
-                                   machine.network_interfaces]))
+            manager_call("RegisterMachineWithNetwork", "sayssusai",
+                         [machine.name, machine.id, "hostel", machine.klass, machine.leader,
+                          machine.root_directory, machine.network_interfaces])
+        elif event is Event.REMOVED:
+            # machined cannot see the end of a process outside any systemd unit: tell it.
+            manager_call("UnregisterMachine", "s", [machine.name])
 
     registry.subscribe(on_event)
     log.info("systemd-machined owns %s: registering hostel's machines with it", BUS_NAME)
