@@ -1,7 +1,6 @@
 """hostelctl against a real hosteld, and without one."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

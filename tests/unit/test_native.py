@@ -142,7 +142,7 @@ def test_parent_giving_up_cancels_the_child() -> None:
 def test_foreign_descriptors_are_not_inherited() -> None:
     secret_r, secret_w = os.pipe()  # not in the plan: must be closed in the child
     try:
-        out, _ = run_plan(shell_plan(f"ls /proc/self/fd | sort -n | tr '\\n' ' '"), 0)
+        out, _ = run_plan(shell_plan("ls /proc/self/fd | sort -n | tr '\\n' ' '"), 0)
         fds = {int(x) for x in out.split()}
         assert secret_r not in fds - {0, 1, 2, 3} and secret_w not in fds - {0, 1, 2, 3}
         assert fds <= {0, 1, 2, 3}  # 3 is ls's own directory handle

@@ -8,7 +8,7 @@ from dbus_fast import Variant
 from dbus_fast.service import (PropertyAccess, ServiceInterface, dbus_method, dbus_property,
                                dbus_signal)
 
-from hostel.bus import Dispatcher, InvalidArgs, NoSuchObject, escape_path_label, mutating
+from hostel.bus import Dispatcher, InvalidArgs, escape_path_label, mutating
 from hostel.guest.images_service import ImageService
 from hostel.guest.manager import Guest, GuestManager
 from hostel.guest.settings import BlockSpec, GuestSettings, parse_tunnet, validate_name
