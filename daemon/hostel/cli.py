@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     except CallFailed as e:
         print(f"hostelctl {args.verb}: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except (ConnectionError, EOFError) as e:  # the bus went away under us
+        print(f"hostelctl {args.verb}: lost the connection to the system bus ({e})",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 if __name__ == "__main__":

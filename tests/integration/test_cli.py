@@ -73,3 +73,47 @@ def test_usage_errors_exit_2() -> None:
     assert hostelctl("unix:path=/nonexistent", "--bogus").returncode == 2
     assert hostelctl("unix:path=/nonexistent").returncode == 2
     assert hostelctl("unix:path=/nonexistent", "kill", "x", "--kill-whom=nobody").returncode == 2
+
+
+def test_losing_the_bus_mid_run_is_a_clear_error(tmp_path: Path) -> None:
+    """hostelctl run waits on the bus; when the bus dies it says so and exits 69."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import HOSTELCTL
+    from hostel.privatebus import PrivateBus, start_daemon
+
+    tree = tmp_path / "tree"
+    subprocess.run([str(Path(__file__).resolve().parents[2] / "scripts/make-busybox-tree"),
+                    str(tree)], check=True, capture_output=True)
+    bus = PrivateBus(tmp_path / "bus").start()
+    daemon = start_daemon(bus, tmp_path)
+    # stderr to a file: the container shares hostelctl's descriptors and outlives it.
+    errors = tmp_path / "stderr"
+    proc = subprocess.Popen([HOSTELCTL, "run", "-q", "-D", str(tree), "-M", "orphan", "--as-pid2",
+                             "sleep", "60"], env=daemon.environment(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=open(errors, "w"))
+    try:
+        deadline = time.monotonic() + 20
+        while "orphan" not in hostelctl(bus.address, "list").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        bus.stop()
+        assert proc.wait(timeout=30) == 69
+        err = errors.read_text()
+        assert "lost the connection to the system bus" in err and "Traceback" not in err
+    finally:
+        proc.kill()
+        proc.wait()
+        daemon.stop(signal.SIGKILL)
+        bus.stop()
+        # The container outlived both; a new hosteld adopts it, so it can be cleaned up.
+        bus = PrivateBus(tmp_path / "bus2").start()
+        again = start_daemon(bus, tmp_path)
+        hostelctl(bus.address, "kill", "orphan", "--signal=KILL")
+        deadline = time.monotonic() + 20
+        while "orphan" in hostelctl(bus.address, "list").stdout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again.stop()
+        bus.stop()
