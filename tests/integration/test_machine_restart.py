@@ -51,8 +51,13 @@ def test_sigkill_restart_adopts_every_machine(private_bus: PrivateBus, tree: Pat
                 [HOSTELCTL, "run", "-q", "-D", str(tree), "-M", f"keep{i}", "--as-pid2", *extra,
                  "/bin/sh", "-c", "sleep 300"],
                 env=first.environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
-        wait_for(lambda: sum(m["State"] == "running" for m in machines(first).values()) == COUNT)
+                stderr=open(tmp_path / f"client{i}.err", "w")))
+        try:
+            wait_for(lambda: sum(m["State"] == "running" for m in machines(first).values())
+                     == COUNT)
+        except TimeoutError:
+            errors = {p.name: p.read_text() for p in tmp_path.glob("client*.err")}
+            raise AssertionError(f"not all started: {errors}\n{first.log()}") from None
         before = machines(first)
         first.stop(signal.SIGKILL)
         for client in clients:
