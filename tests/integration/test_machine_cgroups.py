@@ -307,3 +307,26 @@ def test_bad_slice_name_is_rejected_before_anything_is_created(layout: CgroupLay
 def test_bad_machine_names_are_rejected(bad: str) -> None:
     with pytest.raises(InvalidArgs, match="machine name"):
         cgroups.scope_unit(bad)
+
+
+def test_concurrent_starts_and_exits_in_one_slice_do_not_race() -> None:
+    """One container's slice pruning must not remove the slice another is creating in."""
+    import threading
+
+    from hostel.machine.cgroups import CgroupError, create
+
+    errors: list[Exception] = []
+
+    def churn(i: int) -> None:
+        for _ in range(15):
+            try:
+                create(f"race{i}", "hostelrace").remove(grace=0)
+            except CgroupError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -325,12 +326,13 @@ class CgroupSet:
         Safe to call again, and on a set some of whose directories are gone.
         Slices left empty are removed too, as systemd stops unused slices."""
         self._wait_empty(grace)
-        for path in self.paths:
-            for cgroup in _subtree(path):
-                if not _rmdir(cgroup, missing_ok=True):
-                    raise CgroupError(f"cgroup {cgroup} of machine {self.machine!r} is busy "
-                                      "again after it was emptied; remove it once more")
-            _prune_slices(path, self.slice)
+        with _TREE_LOCK:
+            for path in self.paths:
+                for cgroup in _subtree(path):
+                    if not _rmdir(cgroup, missing_ok=True):
+                        raise CgroupError(f"cgroup {cgroup} of machine {self.machine!r} is busy "
+                                          "again after it was emptied; remove it once more")
+                _prune_slices(path, self.slice)
 
     def _wait_empty(self, grace: float) -> None:
         deadline = time.monotonic() + grace
@@ -383,6 +385,12 @@ def _copy_cpuset(path: str) -> None:
         _write(os.path.join(path, name), inherited)
 
 
+# Starts and exits run in threads: creating a scope (mkdir slice, mkdir scope) and
+# pruning an emptied slice (rmdir) must not interleave, or one container's pruning
+# removes the slice another is about to create its scope in.
+_TREE_LOCK = threading.Lock()
+
+
 def _make_dirs(hierarchy: Hierarchy, relative: str) -> str:
     """Create each directory of `relative` under the hierarchy's base; return the last."""
     path = hierarchy.path()
@@ -422,10 +430,12 @@ def create(machine: str, slice_name: str | None = None,
     stale.remove(grace=0)
     paths = []
     try:
-        for hierarchy in layout.hierarchies:
-            paths.append(_make_dirs(hierarchy, relative))
+        with _TREE_LOCK:  # another start's or exit's slice pruning must not cut under us
+            for hierarchy in layout.hierarchies:
+                paths.append(_make_dirs(hierarchy, relative))
+        for path, hierarchy in zip(paths, layout.hierarchies):
             if "devices" in hierarchy.controllers:
-                _restrict_devices(paths[-1], device_rules())
+                _restrict_devices(path, device_rules())
     except CgroupError:
         CgroupSet(machine, unit, slice_unit_name, tuple(paths)).remove(grace=0)
         raise
