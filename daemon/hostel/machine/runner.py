@@ -51,7 +51,7 @@ class Runtime:
     child: Child | None = None
     console: Console | None = None
     cgroup: cgroups.CgroupSet | None = None
-    network: object | None = None
+    network_settings: machine_network.NetworkSettings | None = None
     network_setup: machine_network.NetworkSetup | None = None
     cleanup: ExitStack = field(default_factory=ExitStack)
     runtime_dir: Path | None = None
@@ -69,7 +69,6 @@ class Prepared:
     user: users.UserIds
     retain: int
     seccomp_bpf: bytes
-    personality: int | None
 
     @property
     def root(self) -> str:
@@ -268,12 +267,11 @@ class MachineRunner:
             runtime.cgroup = cgroups.create(settings.name, settings.slice)
             runtime.cleanup.callback(runtime.cgroup.remove)
             runtime.cgroup.allow_devices(prepared_tree.devices)
-        runtime.network = machine_network.NetworkSettings(
+        runtime.network_settings = machine_network.NetworkSettings(
             settings.private_network, settings.network_veth, settings.network_bridge,
             settings.network_interfaces, settings.network_macvlan)
-        runtime.network.validate()
-        return Prepared(prepared_tree, machine_id, ids, retain, machine_seccomp.container_filter(),
-                        settings.personality)
+        runtime.network_settings.validate()
+        return Prepared(prepared_tree, machine_id, ids, retain, machine_seccomp.container_filter())
 
     async def _parent_side(self, machine: Machine, runtime: Runtime, child: Child,
                            prepared: Prepared) -> None:
@@ -284,7 +282,7 @@ class MachineRunner:
         if runtime.cgroup is not None:
             runtime.cgroup.attach(child.pid)
         if settings.private_network:
-            setup = await asyncio.to_thread(machine_network.setup_network, runtime.network,
+            setup = await asyncio.to_thread(machine_network.setup_network, runtime.network_settings,
                                             settings.name, child.pid)
             runtime.cleanup.callback(machine_network.teardown_network, setup)
             runtime.network_setup = setup
@@ -433,8 +431,8 @@ def build_plan(settings: MachineSettings, prepared: Prepared, console: Console,
     user_env = users.plan_change_user(plan, prepared.user)
     if settings.working_directory:
         plan.chdir(settings.working_directory)
-    if prepared.personality is not None:
-        plan.personality(prepared.personality)
+    if settings.personality is not None:  # set by --personality, or by an x86 image root
+        plan.personality(settings.personality)
     if settings.selinux_context:
         plan.write_file("/proc/self/attr/exec", settings.selinux_context.encode(), create=False)
     env = payload_environment(settings, prepared, user_env)
