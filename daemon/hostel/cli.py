@@ -154,7 +154,33 @@ def _verb(sub: argparse._SubParsersAction, name: str, help_text: str,
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _fill_cryptsetup(sub: argparse._SubParsersAction) -> None:
+    from hostel.cryptsetup.commands import add_commands
+
+    add_commands(sub, _verb)
+
+
+def _fill_guest(sub: argparse._SubParsersAction) -> None:
+    from hostel.guest.commands import add_commands
+    from hostel.guest.image_commands import add_guest_run
+
+    add_commands(sub, _verb)
+    add_guest_run(sub, _verb)
+
+
+def _fill_image(sub: argparse._SubParsersAction) -> None:
+    from hostel.guest.image_commands import add_image_commands
+
+    add_image_commands(sub, _verb)
+
+
+_GROUPS = (("cryptsetup", "encrypted volumes from crypttab", _fill_cryptsetup),
+           ("guest", "virtual-machine guests", _fill_guest),
+           ("image", "OCI images for guests", _fill_image))
+
+
+def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree, or with `wanted`, only that group's subcommands filled in."""
     parser = argparse.ArgumentParser(
         prog="hostelctl",
         description="Control hosteld: namespace containers, guests and encrypted volumes.",
@@ -179,37 +205,39 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("name", metavar="NAME")
     shell.add_argument("rest", nargs=argparse.REMAINDER, metavar="CMD")
 
-    crypt = sub.add_parser("cryptsetup", help="encrypted volumes from crypttab")
-    crypt_sub = crypt.add_subparsers(title="cryptsetup commands", metavar="COMMAND")
-    from hostel.cryptsetup.commands import add_commands
-
-    add_commands(crypt_sub, _verb)
-
-    guest = sub.add_parser("guest", help="virtual-machine guests")
-    guest_sub = guest.add_subparsers(title="guest commands", metavar="COMMAND")
-    from hostel.guest.commands import add_commands as add_guest_commands
-    from hostel.guest.image_commands import add_guest_run, add_image_commands
-
-    add_guest_commands(guest_sub, _verb)
-    add_guest_run(guest_sub, _verb)
-
-    image = sub.add_parser("image", help="OCI images for guests")
-    image_sub = image.add_subparsers(title="image commands", metavar="COMMAND")
-    add_image_commands(image_sub, _verb)
+    # The groups' commands live in their own modules; only the group named on the
+    # command line is filled in, so `hostelctl list` does not import them all.
+    for group, help_text, fill in _GROUPS:
+        group_parser = sub.add_parser(group, help=help_text)
+        if wanted in (None, group):
+            fill(group_parser.add_subparsers(title=f"{group} commands", metavar="COMMAND"))
     return parser
 
 
+_VERBS = ("run", "list", "status", "show", "terminate", "kill", "shell")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = argv[0] if argv else None
+    if first == "run":  # the hot path: its own parser does all the work
+        return _invoke(cmd_run, argparse.Namespace(rest=argv[1:], verb="run"))
+    known = first in _VERBS or any(first == group for group, _h, _f in _GROUPS)
+    parser = build_parser(first if known else None)
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "rest"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.rest = extra + args.rest  # options of pass-through verbs (run, launch, ...)
+        args.rest = extra + args.rest  # options of pass-through verbs (launch, ...)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
+    return _invoke(handler, args)
+
+
+def _invoke(handler: Handler, args: argparse.Namespace) -> int:
+    """Run a command, turning the daemon's and the bus's failures into messages and exit codes."""
     from hostel.client import CallFailed, Client, DaemonUnavailable
 
     try:
@@ -227,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hostelctl {args.verb}: lost the connection to the system bus ({e})",
               file=sys.stderr)
         return EXIT_UNAVAILABLE
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,6 +35,39 @@ def test_help_imports_no_bus_library() -> None:
     assert not imported & {"asyncio", "dbus_fast", "jeepney", "hostel.client"}, imported
 
 
+def _imports(*argv: str) -> set[str]:
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "hostel.cli", *argv],
+                            capture_output=True, text=True,
+                            env={"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"})
+    return {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_only_the_named_group_is_built() -> None:
+    """`hostelctl list` must not pay for the cryptsetup, guest and image command modules."""
+    group_modules = {"hostel.cryptsetup.commands", "hostel.guest.commands",
+                     "hostel.guest.image_commands"}
+    assert not _imports("list") & group_modules
+    assert "hostel.cryptsetup.commands" in _imports("cryptsetup", "list")
+    assert "hostel.cryptsetup.commands" in _imports("--help")
+
+
+def test_installed_launcher_skips_site_and_needs_no_environment() -> None:
+    """The venv's hostelctl is our lean launcher (python -IS), not pip's wrapper: no site.py,
+    no `re` for the wrapper, and PYTHONPATH or a stray cwd module cannot change what runs."""
+    from conftest import HOSTELCTL
+
+    shebang = Path(HOSTELCTL).read_text().splitlines()[0]
+    interpreter, flags = shebang[2:].split()
+    assert flags == "-IS", shebang
+    result = subprocess.run([interpreter, flags, "-X", "importtime", HOSTELCTL, "--help"],
+                            capture_output=True, text=True, env={"PYTHONPATH": "/nonexistent"})
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "site" not in imported and "hostel.cli" in imported
+
+
 def test_status_shows_version_and_managers(hosteld: DaemonProcess) -> None:
     result = hostelctl(hosteld.address, "status")
     assert result.returncode == 0, result.stderr
