@@ -17,7 +17,7 @@ enum hostel_op_kind {
     HOSTEL_OP_WAIT_FD, HOSTEL_OP_NOTIFY_FD, HOSTEL_OP_DUP2, HOSTEL_OP_SETSID,
     HOSTEL_OP_SETCTTY, HOSTEL_OP_SETNS, HOSTEL_OP_UNSHARE, HOSTEL_OP_UMASK,
     HOSTEL_OP_EXECVE, HOSTEL_OP_STUB_INIT, HOSTEL_OP_UNLINK, HOSTEL_OP_FAIL,
-    HOSTEL_OP_MOVE_MOUNT, HOSTEL_OP_FCHDIR
+    HOSTEL_OP_MOVE_MOUNT, HOSTEL_OP_FCHDIR, HOSTEL_OP_WRITE_FD
 };
 #define HOSTEL_OPF_IGNORE_ENOENT ...
 #define HOSTEL_OPF_IGNORE_ERRORS ...
@@ -31,7 +31,7 @@ struct hostel_op {
 struct hostel_step_failure { int32_t index; int32_t error; };
 struct hostel_spawn_args {
     uint64_t clone_flags; const struct hostel_op *ops; int n_ops;
-    int report_fd; const int *keep_fds; int n_keep_fds;
+    int report_fd; const int *keep_fds; int n_keep_fds; int cgroup_fd;
 };
 int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out);
 

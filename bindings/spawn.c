@@ -26,6 +26,9 @@
 #ifndef MOVE_MOUNT_F_EMPTY_PATH
 #define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
 #endif
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
@@ -261,6 +264,8 @@ static int run_op(const struct hostel_op *op)
                 return -(int)op->num;
         case HOSTEL_OP_FCHDIR:
                 return sys_result(fchdir((int)op->num));
+        case HOSTEL_OP_WRITE_FD:
+                return write_all((int)op->num, op->data, op->len);
         case HOSTEL_OP_MOVE_MOUNT:
                 return sys_result(syscall(SYS_move_mount, (int)op->num, "", AT_FDCWD, op->path,
                                           MOVE_MOUNT_F_EMPTY_PATH));
@@ -344,6 +349,10 @@ int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out)
         ca.flags = args->clone_flags | CLONE_PIDFD;
         ca.pidfd = (uint64_t)(uintptr_t)&pidfd;
         ca.exit_signal = SIGCHLD;
+        if (args->cgroup_fd >= 0) {
+                ca.flags |= CLONE_INTO_CGROUP;
+                ca.cgroup = (uint64_t)args->cgroup_fd;
+        }
         long pid = syscall(SYS_clone3, &ca, sizeof ca);
         if (pid < 0)
                 return -errno;

@@ -47,6 +47,7 @@ enum hostel_op_kind {
         HOSTEL_OP_FAIL,            /* num=errno: end the plan with this error (e.g. not found in PATH) */
         HOSTEL_OP_MOVE_MOUNT,      /* num=detached mount fd (open_tree), path=where to attach it */
         HOSTEL_OP_FCHDIR,          /* num=directory fd: enter a tree we cannot name by path */
+        HOSTEL_OP_WRITE_FD,        /* num=fd, data/len: e.g. "0" to a v1 cgroup's tasks file */
 };
 
 /* Modifiers in hostel_op.flags. */
@@ -82,6 +83,8 @@ struct hostel_spawn_args {
         int report_fd;             /* write end, O_CLOEXEC */
         const int *keep_fds;       /* fds >= 3 the plan uses; all others are closed */
         int n_keep_fds;
+        int cgroup_fd;             /* a v2 cgroup directory to be born in
+                                      (CLONE_INTO_CGROUP), or -1 */
 };
 
 /* Returns the child's pid (>0) and stores its pidfd, or -errno. */

@@ -189,6 +189,11 @@ class Plan:
         self.fds.add(fd)
         self.add(Step(lib.HOSTEL_OP_NOTIFY_FD, f"notify parent: {why}", num=fd))
 
+    def write_fd(self, fd: int, data: bytes, what: str) -> None:
+        """Write `data` to a descriptor the parent opened (and the child may not be able to)."""
+        self.fds.add(fd)
+        self.add(Step(lib.HOSTEL_OP_WRITE_FD, what, num=fd, data=data))
+
     def dup2(self, old: int, new: int) -> None:
         """Install `old` as `new` for the payload (old == new just clears O_CLOEXEC)."""
         self.fds.add(old)
@@ -311,8 +316,11 @@ def _read_report(fd: int) -> bytes:
     return chunks
 
 
-def spawn(plan: Plan, clone_flags: int = 0) -> Child:
-    """Clone a child into `clone_flags` namespaces and start it on `plan`."""
+def spawn(plan: Plan, clone_flags: int = 0, cgroup_fd: int = -1) -> Child:
+    """Clone a child into `clone_flags` namespaces and start it on `plan`.
+
+    With `cgroup_fd` (a v2 cgroup directory) the child is born in that cgroup
+    (CLONE_INTO_CGROUP, Linux 5.7), never passing through ours."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     cplan = _CPlan(plan)
     keep = sorted(plan.fds)
@@ -324,6 +332,7 @@ def spawn(plan: Plan, clone_flags: int = 0) -> Child:
     keep_fds = ffi.new("int[]", keep or [0])
     args.keep_fds = keep_fds
     args.n_keep_fds = len(keep)
+    args.cgroup_fd = cgroup_fd
     pidfd = ffi.new("int *", -1)
     try:
         pid = lib.hostel_spawn(args, pidfd)
@@ -331,7 +340,8 @@ def spawn(plan: Plan, clone_flags: int = 0) -> Child:
         os.close(report_w)
     if pid < 0:
         os.close(report_r)
-        raise OSError(-pid, f"clone3 with flags {clone_flags:#x}: {os.strerror(-pid)}")
+        into = f" into cgroup fd {cgroup_fd}" if cgroup_fd >= 0 else ""
+        raise OSError(-pid, f"clone3 with flags {clone_flags:#x}{into}: {os.strerror(-pid)}")
     return Child(pid, pidfd[0], plan, report_r)
 
 

@@ -1,4 +1,4 @@
-"""Container cgroups on this machine's real hierarchies: create, attach, kill, remove."""
+"""Container cgroups on this machine's real hierarchies: create, join, kill, remove."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +17,7 @@ from hostel import native
 from hostel.bus import AlreadyExists, InvalidArgs, NoSuchObject
 from hostel.machine import cgroups
 from hostel.machine.cgroups import CgroupLayout, CgroupSet
-from hostel.spawn import Child, Plan, spawn
+from hostel.spawn import Child, Plan, StepFailed, spawn
 
 _counter = itertools.count()
 
@@ -55,24 +55,21 @@ def make_set(layout: CgroupLayout) -> Iterator[Callable[..., CgroupSet]]:
 
 @pytest.fixture
 def start_in() -> Iterator[Callable[[CgroupSet, str], Child]]:
-    """Start `sh -c SCRIPT` attached to a cgroup set before it runs; reap it afterwards."""
+    """Start `sh -c SCRIPT` in a cgroup set (joined before it runs); reap it afterwards."""
     children: list[Child] = []
 
-    def start(cg: CgroupSet, script: str, stdout: int | None = None) -> Child:
-        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    def start(cg: CgroupSet, script: str, stdout: int | None = None, flags: int = 0) -> Child:
         plan = Plan()
-        if stdout is not None:
-            plan.dup2(stdout, 1)
-        plan.wait_for_parent(go_r, "cgroup attach")
-        plan.execve("/bin/sh", ["sh", "-c", script], ["PATH=/usr/bin:/bin"])
-        child = spawn(plan, 0)
-        children.append(child)
-        os.close(go_r)
+        join = cg.open_join()
         try:
-            cg.attach(child.pid)
-            os.write(go_w, b"x")
+            join.plan_steps(plan)
+            if stdout is not None:
+                plan.dup2(stdout, 1)
+            plan.execve("/bin/sh", ["sh", "-c", script], ["PATH=/usr/bin:/bin"])
+            child = spawn(plan, flags, join.born_in)
         finally:
-            os.close(go_w)
+            join.close()
+        children.append(child)
         child.wait_started()
         return child
 
@@ -170,6 +167,74 @@ def test_scope_is_made_in_every_hierarchy_and_holds_the_child(
     assert not any(os.path.exists(p) for p in cg.paths)
     assert not any(os.path.exists(os.path.dirname(p)) for p in cg.paths)  # the empty slice too
     cg.remove()  # idempotent
+
+
+def _membership(pid: int, layout: CgroupLayout) -> list[str]:
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return [next(line.split(":", 2)[2] for line in lines if h.names(line.split(":", 2)[1]))
+            for h in layout.hierarchies]
+
+
+@pytest.mark.parametrize("flags", [0, native.CLONE_NEWUSER | native.CLONE_NEWPID],
+                         ids=["plain", "in-a-user-namespace"])
+def test_child_is_born_in_the_v2_scope_and_joins_v1_itself(
+        make_set: Callable[..., CgroupSet], layout: CgroupLayout, flags: int) -> None:
+    """No migration by pid: clone3 puts the child straight into the v2 scope, and the child
+    moves itself into each v1 scope through `tasks` files we opened (so it may, even from
+    an unmapped user namespace). Stopped before its join steps, the child shows both."""
+    cg = make_set()
+    ours = _membership(os.getpid(), layout)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    join = cg.open_join()
+    plan = Plan()
+    plan.wait_for_parent(go_r, "the test looks first")
+    join.plan_steps(plan)
+    plan.execve("/bin/sleep", ["sleep", "1000"], [])
+    try:
+        child = spawn(plan, flags, join.born_in)
+    finally:
+        join.close()
+        os.close(go_r)
+    try:
+        wait_for(lambda: "pipe_read" in Path(f"/proc/{child.pid}/wchan").read_text())
+        before = _membership(child.pid, layout)
+        os.write(go_w, b"x")
+        child.wait_started()
+        after = _membership(child.pid, layout)
+    finally:
+        os.close(go_w)
+        native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        native.pidfd_wait(child.pidfd, block=True)
+        child.close()
+    scope = [os.path.join(h.base, cg.slice, cg.unit) for h in layout.hierarchies]
+    assert after == scope
+    for hierarchy, was, own, target in zip(layout.hierarchies, before, ours, scope):
+        assert was == (target if hierarchy.version == 2 else own), hierarchy
+
+
+def test_a_scope_removed_under_a_start_is_a_step_failure(
+        make_set: Callable[..., CgroupSet], layout: CgroupLayout) -> None:
+    """The join fails as a named step, not silently, if its cgroup is gone by then."""
+    if not any(h.version == 1 for h in layout.hierarchies):
+        pytest.skip("no v1 hierarchy: nothing is joined by a step")
+    cg = make_set()
+    join = cg.open_join()
+    plan = Plan()
+    join.plan_steps(plan)
+    plan.execve("/bin/true", ["true"], [])
+    for path in cg.paths:
+        if not os.path.exists(os.path.join(path, "cgroup.controllers")):
+            os.rmdir(path)
+    try:
+        child = spawn(plan, 0, -1)
+    finally:
+        join.close()
+    try:
+        with pytest.raises(StepFailed, match=r"step 0 \(join cgroup .*machine-.*\.scope\)"):
+            child.wait_started()
+    finally:
+        native.pidfd_wait(child.pidfd, block=True)
+        child.close()
 
 
 def test_kill_with_a_catchable_signal_reaches_every_process(

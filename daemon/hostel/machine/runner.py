@@ -2,8 +2,9 @@
 
 Blocking preparation (copying a template, attaching loops, reading the
 tree) runs in a thread; the plan is built in Python and run by the C
-trampoline; parent-side work (uid map, cgroup, network) happens while the
-child waits at its first step; the child is then watched through its pidfd.
+trampoline (born in its cgroup, see cgroups.CgroupJoin); the uid map is
+written before the child needs it, and the network is built while the child
+sets up its mounts; the child is then watched through its pidfd.
 Every start either ends with a running machine or leaves nothing behind."""
 from __future__ import annotations
 
@@ -85,7 +86,14 @@ class MachineRunner:
         self.runtime_dir = runtime_dir
         self.machines_dir = machines_dir
         self.store = StateStore(runtime_dir / "machines")
+        self._cgroup_layout: cgroups.CgroupLayout | None = None
         registry.subscribe(self._persist)
+
+    def cgroup_layout(self) -> cgroups.CgroupLayout:
+        """The hierarchies, read from the mount table at the first start that needs them."""
+        if self._cgroup_layout is None:
+            self._cgroup_layout = cgroups.CgroupLayout.detect()
+        return self._cgroup_layout
 
     # State on disk -------------------------------------------------------------------
 
@@ -226,25 +234,29 @@ class MachineRunner:
         else:  # a reboot: same console, fresh descriptors for the new payload
             runtime.console.reopen_payload()
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        join = runtime.cgroup.open_join() if runtime.cgroup else cgroups.CgroupJoin()
         try:
-            plan = build_plan(settings, prepared, runtime.console, str(runtime.runtime_dir), go_r)
-            child = spawn(plan, clone_flags(settings))
+            plan = build_plan(settings, prepared, runtime.console, str(runtime.runtime_dir),
+                              go_r, join)
+            child = spawn(plan, clone_flags(settings), join.born_in)
         finally:
             os.close(go_r)
+            join.close()
         runtime.child = child
         try:
-            await self._parent_side(machine, runtime, child, prepared)
-            os.write(go_w, b"x")
+            await self._parent_side(machine, runtime, child, prepared, go_w)
+        except HostelError:
+            # The child runs its first steps meanwhile: if one failed, that is the cause.
+            native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+            await _child_started(child, settings.name)
+            await wait_exit(child.pidfd)
+            raise
         except BaseException:
             native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
             raise
         finally:
             os.close(go_w)
-        try:
-            await child.started()
-        except StepFailed as e:
-            await wait_exit(child.pidfd)
-            raise MachineStartFailed(f"starting machine {settings.name} failed at {e}") from None
+        await _child_started(child, settings.name)
         runtime.console.close_payload_side()
         runtime.console.start_relay()
         self.registry.update(machine, id=prepared.machine_id, leader=child.pid,
@@ -264,7 +276,7 @@ class MachineRunner:
         minus = capabilities.parse_capabilities(settings.drop_capability)
         retain = capabilities.compute_retain(plus, minus, settings.private_network)
         if not settings.keep_unit:
-            runtime.cgroup = cgroups.create(settings.name, settings.slice)
+            runtime.cgroup = cgroups.create(settings.name, settings.slice, self.cgroup_layout())
             runtime.cleanup.callback(runtime.cgroup.remove)
             runtime.cgroup.allow_devices(prepared_tree.devices)
         runtime.network_settings = machine_network.NetworkSettings(
@@ -274,19 +286,24 @@ class MachineRunner:
         return Prepared(prepared_tree, machine_id, ids, retain, machine_seccomp.container_filter())
 
     async def _parent_side(self, machine: Machine, runtime: Runtime, child: Child,
-                           prepared: Prepared) -> None:
-        """The seed's parent work between clone and the child's exec."""
+                           prepared: Prepared, go_fd: int) -> None:
+        """The seed's parent work between clone and the child's exec.
+
+        The id maps come before the child's first step that needs them; the
+        network is built while the child sets up its mounts, and the child
+        waits for it just before it execs. (The cgroup needs no parent work:
+        see cgroups.CgroupJoin.)"""
         settings = runtime.settings
         if settings.private_users is not None:
             userns.write_id_maps(child.pid, settings.private_users, settings.name, prepared.view)
-        if runtime.cgroup is not None:
-            runtime.cgroup.attach(child.pid)
+            _release(go_fd)
         if settings.private_network:
             setup = await asyncio.to_thread(machine_network.setup_network, runtime.network_settings,
                                             settings.name, child.pid)
             runtime.cleanup.callback(machine_network.teardown_network, setup)
             runtime.network_setup = setup
             self.registry.update(machine, network_interfaces=list(setup.interfaces))
+            _release(go_fd)
 
     # Watch, stop ---------------------------------------------------------------------
 
@@ -372,6 +389,24 @@ class MachineRunner:
 
 
 
+async def _child_started(child: Child, name: str) -> None:
+    """Wait until the child execs; a step that failed becomes the start's error."""
+    try:
+        await child.started()
+    except StepFailed as e:
+        await wait_exit(child.pidfd)
+        raise MachineStartFailed(f"starting machine {name} failed at {e}") from None
+
+
+def _release(go_fd: int) -> None:
+    """Let the child past its next wait step. A child that already failed a step is not
+    waiting any more; its report says why, and _launch() reads it next."""
+    try:
+        os.write(go_fd, b"x")
+    except BrokenPipeError:
+        pass
+
+
 def _remove_tree(path: Path) -> None:
     import shutil
 
@@ -392,13 +427,14 @@ def clone_flags(settings: MachineSettings) -> int:
 # The plan ------------------------------------------------------------------------
 
 def build_plan(settings: MachineSettings, prepared: Prepared, console: Console,
-               runtime_dir: str, go_fd: int) -> Plan:
+               runtime_dir: str, go_fd: int, join: cgroups.CgroupJoin) -> Plan:
     """The child's whole life before exec, in the seed's order."""
     plan = Plan()
     root = prepared.root
     in_userns = settings.private_users is not None
-    plan.wait_for_parent(go_fd, "parent-side setup (uid map, cgroup, network)")
-    if in_userns:  # become the namespace's root (host uid BASE) now that it is mapped
+    join.plan_steps(plan)  # first: nothing may fork before the child is in its scope
+    if in_userns:  # become the namespace's root (host uid BASE) once it is mapped
+        plan.wait_for_parent(go_fd, "the uid/gid map")
         plan.setgroups([])
         plan.setresgid(0)
         plan.setresuid(0)
@@ -436,6 +472,8 @@ def build_plan(settings: MachineSettings, prepared: Prepared, console: Console,
     if settings.selinux_context:
         plan.write_file("/proc/self/attr/exec", settings.selinux_context.encode(), create=False)
     env = payload_environment(settings, prepared, user_env)
+    if settings.private_network:
+        plan.wait_for_parent(go_fd, "the network interfaces")
     if settings.as_pid2:
         plan.stub_init()
     _plan_exec(plan, settings, prepared, env)
