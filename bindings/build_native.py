@@ -31,9 +31,10 @@ struct hostel_op {
 struct hostel_step_failure { int32_t index; int32_t error; };
 struct hostel_spawn_args {
     uint64_t clone_flags; const struct hostel_op *ops; int n_ops;
-    int report_fd; const int *keep_fds; int n_keep_fds; int cgroup_fd;
+    int report_fd; const int *keep_fds; int n_keep_fds; int cgroup_fd; int share_memory;
 };
 int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out);
+int hostel_spawn_shares_memory(void);
 
 /* syscalls.h */
 struct hostel_exit { int32_t pid; int32_t code; int32_t status; };

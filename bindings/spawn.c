@@ -1,6 +1,8 @@
 /* The spawn trampoline (see spawn.h). Everything below the clone runs in a
- * copy of a multi-threaded process: only raw system calls, no malloc, no
- * stdio, no locks. */
+ * copy of a multi-threaded process, or on its very memory while the calling
+ * thread sleeps (share_memory): only system calls, no malloc, no stdio, no
+ * locks, no writes outside the child's own stack, no fork() but in the stub
+ * init, which never runs on shared memory. */
 #define _GNU_SOURCE
 #include "spawn.h"
 
@@ -12,9 +14,11 @@
 #include <linux/sched.h>
 #include <linux/seccomp.h>
 #include <sched.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
@@ -340,24 +344,119 @@ static void run_child(const struct hostel_spawn_args *args)
         _exit(0);
 }
 
+/* The child's stack when it shares our memory; it only runs the plan's
+ * steps, none of which recurses or keeps big buffers. */
+#define SHARED_CHILD_STACK (256 * 1024)
+#define GUARD_SIZE 4096
+
+static void run_child_entry(const void *args)
+{
+        run_child(args);
+}
+
+/* clone3 with the child on its own stack, calling entry(arg) there. glibc
+ * has no public clone3 wrapper, and returning from syscall() onto a stack
+ * that is not the one it was called on is not possible. Other
+ * architectures fall back to copying the address space. */
+#if defined(__x86_64__)
+#define HAVE_CLONE3_ON_STACK 1
+static long clone3_on_stack(struct clone_args *ca, void (*entry)(const void *), const void *arg)
+{
+        register long nr __asm__("rax") = SYS_clone3;
+        register struct clone_args *a0 __asm__("rdi") = ca;
+        register size_t a1 __asm__("rsi") = sizeof *ca;
+        register void (*fn)(const void *) __asm__("r12") = entry;
+        register const void *fn_arg __asm__("r13") = arg;
+
+        __asm__ volatile("syscall\n\t"
+                         "test %%rax, %%rax\n\t"
+                         "jnz 1f\n\t"
+                         "xor %%ebp, %%ebp\n\t"   /* the child: a fresh, aligned stack */
+                         "mov %%r13, %%rdi\n\t"
+                         "call *%%r12\n\t"
+                         "ud2\n"                   /* entry never returns */
+                         "1:"
+                         : "+r"(nr)
+                         : "r"(a0), "r"(a1), "r"(fn), "r"(fn_arg)
+                         : "rcx", "r11", "memory", "cc");
+        return nr;
+}
+#else
+#define HAVE_CLONE3_ON_STACK 0
+#endif
+
+int hostel_spawn_shares_memory(void)
+{
+        return HAVE_CLONE3_ON_STACK;
+}
+
+static void fill_clone_args(struct clone_args *ca, const struct hostel_spawn_args *args,
+                            int *pidfd)
+{
+        memset(ca, 0, sizeof *ca);
+        ca->flags = args->clone_flags | CLONE_PIDFD;
+        ca->pidfd = (uint64_t)(uintptr_t)pidfd;
+        ca->exit_signal = SIGCHLD;
+        if (args->cgroup_fd >= 0) {
+                ca->flags |= CLONE_INTO_CGROUP;
+                ca->cgroup = (uint64_t)args->cgroup_fd;
+        }
+}
+
+/* posix_spawn's way: the child borrows our address space instead of a copy
+ * (whose page tables cost milliseconds for a daemon of hosteld's size), and
+ * this thread sleeps until the child has exec'd or died (CLONE_VFORK), so
+ * nothing but the child runs on this thread's state, errno included. Other
+ * threads carry on; signals stay blocked here until the child has reset its
+ * handlers, so none of ours runs in it. */
+static long clone_sharing_memory(struct clone_args *ca, const struct hostel_spawn_args *args)
+{
+#if HAVE_CLONE3_ON_STACK
+        sigset_t all, saved;
+        char *stack = mmap(NULL, SHARED_CHILD_STACK, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+
+        if (stack == MAP_FAILED)
+                return -errno;
+        if (mprotect(stack, GUARD_SIZE, PROT_NONE) < 0) {
+                int err = errno;
+                munmap(stack, SHARED_CHILD_STACK);
+                return -err;
+        }
+        ca->flags |= CLONE_VM | CLONE_VFORK;
+        ca->stack = (uint64_t)(uintptr_t)stack;
+        ca->stack_size = SHARED_CHILD_STACK;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &saved);
+        long pid = clone3_on_stack(ca, run_child_entry, args);
+        pthread_sigmask(SIG_SETMASK, &saved, NULL);
+        munmap(stack, SHARED_CHILD_STACK);
+        return pid;
+#else
+        (void)ca;
+        (void)args;
+        return -ENOSYS;
+#endif
+}
+
 int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out)
 {
         int pidfd = -1;
         struct clone_args ca;
+        long pid;
 
-        memset(&ca, 0, sizeof ca);
-        ca.flags = args->clone_flags | CLONE_PIDFD;
-        ca.pidfd = (uint64_t)(uintptr_t)&pidfd;
-        ca.exit_signal = SIGCHLD;
-        if (args->cgroup_fd >= 0) {
-                ca.flags |= CLONE_INTO_CGROUP;
-                ca.cgroup = (uint64_t)args->cgroup_fd;
+        fill_clone_args(&ca, args, &pidfd);
+        if (args->share_memory) {
+                pid = clone_sharing_memory(&ca, args);
+        } else {
+                pid = syscall(SYS_clone3, &ca, sizeof ca);
+                if (pid < 0)
+                        return -errno;
+                if (pid == 0)
+                        run_child(args); /* never returns */
         }
-        long pid = syscall(SYS_clone3, &ca, sizeof ca);
         if (pid < 0)
-                return -errno;
-        if (pid == 0)
-                run_child(args); /* never returns */
+                return (int)pid;
         *pidfd_out = pidfd;
         return (int)pid;
 }

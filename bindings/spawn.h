@@ -85,9 +85,16 @@ struct hostel_spawn_args {
         int n_keep_fds;
         int cgroup_fd;             /* a v2 cgroup directory to be born in
                                       (CLONE_INTO_CGROUP), or -1 */
+        int share_memory;          /* CLONE_VM|CLONE_VFORK: only for plans that
+                                      neither wait for us nor stay behind as a
+                                      stub init (both would keep us blocked) */
 };
 
-/* Returns the child's pid (>0) and stores its pidfd, or -errno. */
+/* Returns the child's pid (>0) and stores its pidfd, or -errno. With
+ * share_memory it returns only once the child has exec'd or exited. */
 int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out);
+
+/* Whether this build can run a child on our address space (share_memory). */
+int hostel_spawn_shares_memory(void);
 
 #endif

@@ -17,6 +17,8 @@ from hostel import native
 from hostel._native import ffi, lib
 
 _FAILURE = struct.Struct("=ii")
+_NEEDS_OWN_MEMORY = frozenset({lib.HOSTEL_OP_WAIT_FD, lib.HOSTEL_OP_STUB_INIT})
+_SHARES_MEMORY = bool(lib.hostel_spawn_shares_memory())
 
 
 class StepFailed(OSError):
@@ -59,6 +61,15 @@ class Plan:
 
     def add(self, step: Step) -> None:
         self.steps.append(step)
+
+    @property
+    def may_share_memory(self) -> bool:
+        """Whether the child may run on our address space until it execs (see spawn()).
+
+        Not if it waits for us (the spawning thread sleeps until the exec, and
+        the parent's work needs the pid it has not returned yet), nor if it
+        stays behind as a stub init (it never execs)."""
+        return not any(step.kind in _NEEDS_OWN_MEMORY for step in self.steps)
 
     # Filesystem ---------------------------------------------------------------
 
@@ -320,7 +331,12 @@ def spawn(plan: Plan, clone_flags: int = 0, cgroup_fd: int = -1) -> Child:
     """Clone a child into `clone_flags` namespaces and start it on `plan`.
 
     With `cgroup_fd` (a v2 cgroup directory) the child is born in that cgroup
-    (CLONE_INTO_CGROUP, Linux 5.7), never passing through ours."""
+    (CLONE_INTO_CGROUP, Linux 5.7), never passing through ours.
+
+    A plan that may (Plan.may_share_memory) runs on our address space, as
+    posix_spawn does: no copy of hosteld's page tables, which costs ~3 ms
+    per start here and grows with the daemon. The call then returns only
+    after the child exec'd or failed, so the daemon makes it from a thread."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     cplan = _CPlan(plan)
     keep = sorted(plan.fds)
@@ -333,6 +349,7 @@ def spawn(plan: Plan, clone_flags: int = 0, cgroup_fd: int = -1) -> Child:
     args.keep_fds = keep_fds
     args.n_keep_fds = len(keep)
     args.cgroup_fd = cgroup_fd
+    args.share_memory = _SHARES_MEMORY and plan.may_share_memory
     pidfd = ffi.new("int *", -1)
     try:
         pid = lib.hostel_spawn(args, pidfd)

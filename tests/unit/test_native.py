@@ -234,3 +234,94 @@ def test_python_wrappers_in_a_scratch_process(tmp_path: Path) -> None:
     assert out == ["['inside', 'old'] scratch", "1", "True",
                    f"{errno.ENOENT} mount proc on /nonexistent-hostel"]
     assert not os.path.ismount(tmp_path / "root")
+
+
+def test_which_plans_run_on_our_memory() -> None:
+    """A child that waits for us or stays behind as stub init must have its own memory."""
+    plan = Plan()
+    plan.mkdir("/tmp")
+    plan.execve("/bin/true", ["true"], [])
+    assert plan.may_share_memory
+    waiting = Plan()
+    waiting.wait_for_parent(0, "the test")
+    assert not waiting.may_share_memory
+    stub = Plan()
+    stub.stub_init()
+    assert not stub.may_share_memory
+
+
+def test_a_shared_memory_spawn_returns_after_the_exec(tmp_path: Path) -> None:
+    """posix_spawn semantics: when spawn() returns, every step ran and the payload exec'd
+    (vfork), however long the steps took; the spawning thread's signal mask is restored."""
+    plan = Plan()
+    for i in range(500):
+        plan.mkdir(str(tmp_path / f"d{i}"))
+    plan.execve("/bin/sleep", ["sleep", "60"], [])
+    assert plan.may_share_memory
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    child = spawn(plan, native.CLONE_NEWNS)
+    try:
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+        assert os.readlink(f"/proc/{child.pid}/exe") == os.path.realpath("/bin/sleep")
+        assert len(os.listdir(tmp_path)) == 500
+        child.wait_started()
+    finally:
+        native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        native.pidfd_wait(child.pidfd, block=True)
+        child.close()
+
+
+def test_shared_memory_spawns_beside_busy_threads() -> None:
+    """Children run on our memory while other threads run Python and fail system calls:
+    every child reports right, and no thread sees another's errno."""
+    import threading
+
+    stop = threading.Event()
+    wrong: list[BaseException] = []
+
+    def expect_eagain() -> None:
+        r, w = os.pipe2(os.O_NONBLOCK)
+        try:
+            while not stop.is_set():
+                try:
+                    os.read(r, 1)
+                except BlockingIOError:
+                    continue
+                except OSError as e:  # an errno that is not ours
+                    wrong.append(e)
+        finally:
+            os.close(r)
+            os.close(w)
+
+    results: list[str] = []
+
+    def spawner(n: int) -> None:
+        for i in range(60):
+            plan = Plan()
+            # fails and is skipped: the child's own errno is ENOENT for a moment
+            plan.symlink("x", "/nonexistent/dir/link", best_effort=True)
+            target = "/bin/true" if (n + i) % 2 else "/nonexistent/binary"
+            plan.execve(target, ["x"], [])
+            child = spawn(plan, 0)
+            try:
+                child.wait_started()
+                results.append("ran" if native.pidfd_wait(child.pidfd, block=True).status == 0
+                               else "bad exit")
+            except StepFailed as e:
+                results.append("ENOENT" if e.errno == errno.ENOENT else f"errno {e.errno}")
+                native.pidfd_wait(child.pidfd, block=True)
+            finally:
+                child.close()
+
+    busy = [threading.Thread(target=expect_eagain) for _ in range(2)]
+    spawners = [threading.Thread(target=spawner, args=(n,)) for n in range(4)]
+    for thread in busy + spawners:
+        thread.start()
+    for thread in spawners:
+        thread.join()
+    stop.set()
+    for thread in busy:
+        thread.join()
+    assert wrong == []
+    assert sorted(set(results)) == ["ENOENT", "ran"] and len(results) == 240
+    assert results.count("ran") == 120

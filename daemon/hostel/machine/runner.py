@@ -238,7 +238,8 @@ class MachineRunner:
         try:
             plan = build_plan(settings, prepared, runtime.console, str(runtime.runtime_dir),
                               go_r, join)
-            child = spawn(plan, clone_flags(settings), join.born_in)
+            # In a thread: a plan that shares our memory returns only after its exec.
+            child = await asyncio.to_thread(spawn, plan, clone_flags(settings), join.born_in)
         finally:
             os.close(go_r)
             join.close()
