@@ -71,9 +71,7 @@ def dbus_client_mean_ms(address: str, tree: Path, keep_unit: bool = False) -> fl
     keep_unit: no cgroup of its own, like crun --cgroup-manager=disabled here; on
     this hybrid hierarchy the first cgroup migration of a start costs ~16 ms."""
     os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
-    from jeepney import MatchRule
-
-    from hostel.client import Client
+    from hostel.client import Client, MatchRule
 
     settings = {"Directory": ("s", str(tree)), "Command": ("as", ["/bin/true"]),
                 "Quiet": ("b", True), "KeepUnit": ("b", keep_unit)}

@@ -88,10 +88,9 @@ def cmd_shell(args: argparse.Namespace, client: object) -> int:
     env = [f"TERM={os.environ['TERM']}"] if os.environ.get("TERM") else []
     master, _pty = client.call(path, "org.hostel1.Machine", "OpenShell", "ssasas", user,
                                command[0] if command else "", command, env)
-    fd = master.to_raw_fd() if hasattr(master, "to_raw_fd") else int(master)
     from hostel.machine.ptyrelay import relay
 
-    relay(fd)
+    relay(master)  # a plain int descriptor, now ours: relay closes it
     return 0
 
 

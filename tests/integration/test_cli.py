@@ -32,7 +32,22 @@ def test_help_imports_no_bus_library() -> None:
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "hostel.cli", "--help"],
                             capture_output=True, text=True, check=True)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
-    assert not imported & {"asyncio", "dbus_fast", "jeepney", "hostel.client"}, imported
+    assert not imported & {"asyncio", "dbus_fast", "jeepney", "hostel.client",
+                           "hostel.dbuswire"}, imported
+
+
+def test_bus_client_imports_only_light_modules() -> None:
+    """Commands that reach hosteld pay for hostel.client: it must not bring in `re`,
+    `typing` or `selectors` (jeepney cost ~7.5 ms for those), nor jeepney itself.
+    Run as the launcher runs it (-IS), so that site.py's own imports do not count."""
+    code = f"import sys; sys.path += {sys.path!r}; import hostel.client"
+    result = subprocess.run([sys.executable, "-IS", "-X", "importtime", "-c", code],
+                            capture_output=True, text=True, check=True)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "hostel.dbuswire" in imported
+    heavy = {"re", "typing", "selectors", "dataclasses", "jeepney", "asyncio", "dbus_fast"}
+    assert not imported & heavy, imported
 
 
 def _imports(*argv: str) -> set[str]:

@@ -75,7 +75,7 @@ def cmd_import(args: "argparse.Namespace", client: "Any") -> int:
     if not sys.stderr.isatty():
         imported = _import(client, path, name)
     else:
-        from jeepney import MatchRule
+        from hostel.client import MatchRule
 
         fields = dict(type="signal", interface=MANAGER, member="ImportProgress", path=GUEST_PATH)
         client.add_match(MatchRule(sender="org.hostel1", **fields))

@@ -154,7 +154,7 @@ class RunSession:
         print(text, file=sys.stderr, flush=True)
 
     def run(self) -> int:
-        from jeepney import MatchRule
+        from hostel.client import MatchRule
 
         if not self.quiet:
             self._banner()
@@ -208,7 +208,7 @@ class RunSession:
 def _exit_status(queue: Any, path: str) -> int | None:
     while queue:
         msg = queue.popleft()
-        if msg.header.fields.get(1) != path:  # HeaderFields.path
+        if msg.path != path:
             continue
         _interface, changed, _invalidated = msg.body
         if changed.get("State", ("s", ""))[1] == "exited":
