@@ -1,17 +1,18 @@
 """hostelctl: a thin client of hosteld, in the manner of machinectl.
 
-Start-up time is the product here (see DESIGN.md): only argparse is imported
-up front; the D-Bus client is imported when a command needs the daemon.
+Start-up time is the product here (see DESIGN.md): `run` parses its own
+options (machine/cmdline.py), argparse is imported for the other commands
+only, and the D-Bus client when a command needs the daemon.
 
 Exit codes: 0 success, 1 the operation failed, 2 usage error,
 69 (EX_UNAVAILABLE) the bus or hosteld cannot be reached."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 TYPE_CHECKING = False  # importing typing costs hostelctl 3 ms at every start
 if TYPE_CHECKING:
+    import argparse
     from typing import Callable
 
 EXIT_FAILED = 1
@@ -180,6 +181,8 @@ _GROUPS = (("cryptsetup", "encrypted volumes from crypttab", _fill_cryptsetup),
 
 def build_parser(wanted: str | None = None) -> argparse.ArgumentParser:
     """The whole command tree, or with `wanted`, only that group's subcommands filled in."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="hostelctl",
         description="Control hosteld: namespace containers, guests and encrypted volumes.",
@@ -220,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     first = argv[0] if argv else None
     if first == "run":  # the hot path: its own parser does all the work
-        return _invoke(cmd_run, argparse.Namespace(rest=argv[1:], verb="run"))
+        from types import SimpleNamespace
+
+        return _invoke(cmd_run, SimpleNamespace(rest=argv[1:], verb="run"))
     known = first in _VERBS or any(first == group for group, _h, _f in _GROUPS)
     parser = build_parser(first if known else None)
     args, extra = parser.parse_known_args(argv)

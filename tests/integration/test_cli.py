@@ -121,6 +121,20 @@ def test_usage_errors_exit_2() -> None:
     assert hostelctl("unix:path=/nonexistent", "--bogus").returncode == 2
     assert hostelctl("unix:path=/nonexistent").returncode == 2
     assert hostelctl("unix:path=/nonexistent", "kill", "x", "--kill-whom=nobody").returncode == 2
+    for argv, message in [(["--bogus"], "unrecognized option '--bogus'"),
+                          (["-D"], "option requires an argument -- 'D'"),
+                          (["--quiet=no"], "option '--quiet' doesn't allow an argument")]:
+        result = hostelctl("unix:path=/nonexistent", "run", *argv)
+        assert result.returncode == 2, argv
+        assert result.stderr.splitlines() == [
+            f"hostelctl run: {message}", "Try 'hostelctl run --help' for more information."]
+
+
+def test_run_help_and_its_imports() -> None:
+    """`run` parses nspawn's options itself: no argparse (with re, gettext, shutil) at start."""
+    result = hostelctl("unix:path=/nonexistent", "run", "--help")
+    assert result.returncode == 0 and "-D --directory=PATH" in result.stdout
+    assert not _imports("run", "--help") & {"argparse", "re", "typing"}
 
 
 def test_losing_the_bus_mid_run_is_a_clear_error(tmp_path: Path) -> None:
