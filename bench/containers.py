@@ -5,7 +5,9 @@ hosteld's memory: idle, per machine, and after many start/exit cycles.
 Every peer runs `/bin/true` in the same busybox tree. crun refuses this host's
 hybrid cgroup layout, so it (and runc, for equal footing) runs in a private
 mount namespace with cgroup2 on /sys/fs/cgroup and --cgroup-manager=disabled,
-as DESIGN.md describes."""
+as DESIGN.md describes; that crun does no cgroup work at all. A second crun row
+does (cgroupfs on the host's v1 hierarchies, the unified tree unmounted), to
+compare with hosteld's own scope."""
 from __future__ import annotations
 
 import asyncio
@@ -31,6 +33,11 @@ RSS_CYCLES = int(os.environ.get("HOSTEL_BENCH_CYCLES", "1000"))
 
 OCI_WRAPPER = """#!/bin/sh
 exec unshare -m sh -c 'mount -t cgroup2 none /sys/fs/cgroup && mount -t tmpfs tmpfs /run && exec "$@"' sh "$@"
+"""
+# The same host hierarchies minus the unified tree crun refuses: crun then makes
+# and joins a cgroup in every v1 hierarchy, the work hosteld does for a scope.
+OCI_V1_WRAPPER = """#!/bin/sh
+exec unshare -m sh -c 'umount /sys/fs/cgroup/unified && mount -t tmpfs tmpfs /run && exec "$@"' sh "$@"
 """
 NSPAWN_WRAPPER = """#!/bin/sh
 exec unshare -m sh -c 'mount -t tmpfs tmpfs /run && exec "$@"' sh "$@"
@@ -68,8 +75,7 @@ def hyperfine(commands: dict[str, str], env: dict[str, str]) -> dict[str, float]
 def dbus_client_mean_ms(address: str, tree: Path, keep_unit: bool = False) -> float:
     """A long-lived D-Bus client: StartMachine, then wait for State=exited.
 
-    keep_unit: no cgroup of its own, like crun --cgroup-manager=disabled here; on
-    this hybrid hierarchy the first cgroup migration of a start costs ~16 ms."""
+    keep_unit: no cgroup of its own, like crun --cgroup-manager=disabled here."""
     os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
     from hostel.client import Client, MatchRule
 
@@ -179,6 +185,7 @@ def run() -> list[dict[str, object]]:
         subprocess.run([str(REPO / "scripts/make-busybox-tree"), str(tree)], check=True)
         bundle = oci_bundle(work, tree)
         oci = _script(work, "oci-run", OCI_WRAPPER)
+        oci_v1 = _script(work, "oci-v1-run", OCI_V1_WRAPPER)
         nspawn = _script(work, "nspawn-run", NSPAWN_WRAPPER)
         bus = PrivateBus(work / "bus").start()
         daemon = start_daemon(bus, work)
@@ -186,6 +193,10 @@ def run() -> list[dict[str, object]]:
         try:
             client_ms = dbus_client_mean_ms(bus.address, tree)
             no_cgroup_ms = dbus_client_mean_ms(bus.address, tree, keep_unit=True)
+            peers = {}
+            if os.path.ismount("/sys/fs/cgroup/unified"):  # hybrid: the v1 row is possible
+                peers["crun run, cgroupfs v1"] = (f"{oci_v1} crun --cgroup-manager=cgroupfs run "
+                                                  f"-b {bundle} bench")
             means = hyperfine({
                 "hostelctl run": f"{VENV_BIN}/hostelctl run -q -D {tree} /bin/true",
                 "systemd-nspawn": f"{nspawn} systemd-nspawn --register=no --keep-unit -q "
@@ -193,6 +204,7 @@ def run() -> list[dict[str, object]]:
                 "crun run": f"{oci} crun --cgroup-manager=disabled run -b {bundle} bench",
                 "runc run": f"{oci} runc run -b {bundle} bench",
                 "unshare+chroot (floor)": f"unshare -fpmiun --mount-proc chroot {tree} /bin/true",
+                **peers,
             }, env)
             means = {"hosteld D-Bus client": client_ms,
                      "hosteld D-Bus client, --keep-unit (no cgroup, as crun here)": no_cgroup_ms,
