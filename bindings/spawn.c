@@ -408,7 +408,10 @@ static void fill_clone_args(struct clone_args *ca, const struct hostel_spawn_arg
  * this thread sleeps until the child has exec'd or died (CLONE_VFORK), so
  * nothing but the child runs on this thread's state, errno included. Other
  * threads carry on; signals stay blocked here until the child has reset its
- * handlers, so none of ours runs in it. */
+ * handlers, so none of ours runs in it. The only other state of this thread
+ * the child touches: glibc's cancellable wrappers (open, write) set and then
+ * restore its cancellation flags, which nothing else changes while it
+ * sleeps (CPython never cancels threads). */
 static long clone_sharing_memory(struct clone_args *ca, const struct hostel_spawn_args *args)
 {
 #if HAVE_CLONE3_ON_STACK
