@@ -358,7 +358,10 @@ def spawn(plan: Plan, clone_flags: int = 0, cgroup_fd: int = -1) -> Child:
     if pid < 0:
         os.close(report_r)
         into = f" into cgroup fd {cgroup_fd}" if cgroup_fd >= 0 else ""
-        raise OSError(-pid, f"clone3 with flags {clone_flags:#x}{into}: {os.strerror(-pid)}")
+        hint = (" (being born in a cgroup needs Linux 5.7 or later)"
+                if cgroup_fd >= 0 and -pid in (errno.EINVAL, errno.E2BIG) else "")
+        raise OSError(-pid, f"clone3 with flags {clone_flags:#x}{into}: "
+                            f"{os.strerror(-pid)}{hint}")
     return Child(pid, pidfd[0], plan, report_r)
 
 
