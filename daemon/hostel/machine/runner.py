@@ -246,7 +246,7 @@ class MachineRunner:
         runtime.child = child
         try:
             await self._parent_side(machine, runtime, child, prepared, go_w)
-        except HostelError:
+        except (HostelError, OSError):
             # The child runs its first steps meanwhile: if one failed, that is the cause.
             native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
             await _child_started(child, settings.name)
