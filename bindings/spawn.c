@@ -442,22 +442,25 @@ static long clone_sharing_memory(struct clone_args *ca, const struct hostel_spaw
 #endif
 }
 
+static long clone_copying_memory(struct clone_args *ca, const struct hostel_spawn_args *args)
+{
+        long pid = syscall(SYS_clone3, ca, sizeof *ca);
+
+        if (pid < 0)
+                return -errno;
+        if (pid == 0)
+                run_child(args); /* never returns */
+        return pid;
+}
+
 int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out)
 {
         int pidfd = -1;
         struct clone_args ca;
-        long pid;
 
         fill_clone_args(&ca, args, &pidfd);
-        if (args->share_memory) {
-                pid = clone_sharing_memory(&ca, args);
-        } else {
-                pid = syscall(SYS_clone3, &ca, sizeof ca);
-                if (pid < 0)
-                        return -errno;
-                if (pid == 0)
-                        run_child(args); /* never returns */
-        }
+        long pid = args->share_memory ? clone_sharing_memory(&ca, args)
+                                      : clone_copying_memory(&ca, args);
         if (pid < 0)
                 return (int)pid;
         *pidfd_out = pidfd;

@@ -27,11 +27,24 @@ def test_help_lists_every_verb() -> None:
             assert f"\n    {verb}" in sub, (group, verb)
 
 
+def _importtime(command: list[str], **kwargs: object) -> tuple[subprocess.CompletedProcess[str],
+                                                                set[str]]:
+    """Run `command` (an interpreter given -X importtime) and name every module it imported."""
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    return result, {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+
+
+def _imports(*argv: str) -> set[str]:
+    """What `hostelctl ARGV...` imports (against a bus that is not there)."""
+    return _importtime([sys.executable, "-X", "importtime", "-m", "hostel.cli", *argv],
+                       env={"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"})[1]
+
+
 def test_help_imports_no_bus_library() -> None:
     """The fast start is structural: --help must not import asyncio, dbus_fast or jeepney."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "hostel.cli", "--help"],
-                            capture_output=True, text=True, check=True)
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    _result, imported = _importtime([sys.executable, "-X", "importtime", "-m", "hostel.cli",
+                                     "--help"], check=True)
     assert not imported & {"asyncio", "dbus_fast", "jeepney", "hostel.client",
                            "hostel.dbuswire"}, imported
 
@@ -41,21 +54,11 @@ def test_bus_client_imports_only_light_modules() -> None:
     `typing` or `selectors` (jeepney cost ~7.5 ms for those), nor jeepney itself.
     Run as the launcher runs it (-IS), so that site.py's own imports do not count."""
     code = f"import sys; sys.path += {sys.path!r}; import hostel.client"
-    result = subprocess.run([sys.executable, "-IS", "-X", "importtime", "-c", code],
-                            capture_output=True, text=True, check=True)
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-                if line.startswith("import time:")}
+    _result, imported = _importtime([sys.executable, "-IS", "-X", "importtime", "-c", code],
+                                    check=True)
     assert "hostel.dbuswire" in imported
     heavy = {"re", "typing", "selectors", "dataclasses", "jeepney", "asyncio", "dbus_fast"}
     assert not imported & heavy, imported
-
-
-def _imports(*argv: str) -> set[str]:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "hostel.cli", *argv],
-                            capture_output=True, text=True,
-                            env={"DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent"})
-    return {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-            if line.startswith("import time:")}
 
 
 def test_only_the_named_group_is_built() -> None:
@@ -75,11 +78,9 @@ def test_installed_launcher_skips_site_and_needs_no_environment() -> None:
     shebang = Path(HOSTELCTL).read_text().splitlines()[0]
     interpreter, flags = shebang[2:].split()
     assert flags == "-IS", shebang
-    result = subprocess.run([interpreter, flags, "-X", "importtime", HOSTELCTL, "--help"],
-                            capture_output=True, text=True, env={"PYTHONPATH": "/nonexistent"})
+    result, imported = _importtime([interpreter, flags, "-X", "importtime", HOSTELCTL, "--help"],
+                                   env={"PYTHONPATH": "/nonexistent"})
     assert result.returncode == 0, result.stderr
-    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-                if line.startswith("import time:")}
     assert "site" not in imported and "hostel.cli" in imported
 
 

@@ -382,14 +382,8 @@ class CgroupSet:
         """The usual end, in one rmdir per hierarchy: an empty scope with no child cgroups.
         False (and the scope as it was, in the hierarchies not yet done) otherwise."""
         for path in self.paths:
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
-                    return False
-                raise CgroupError(f"removing cgroup {path}: {exc.strerror}") from exc
+            if not _rmdir(path, missing_ok=True):
+                return False
             _prune_slices(path, self.slice)
         return True
 

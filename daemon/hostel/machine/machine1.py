@@ -21,6 +21,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbu
 from hostel.bus import Dispatcher, HostelError, NoSuchObject, escape_path_label, mutating
 from hostel.machine import enter
 from hostel.machine import network as machine_network
+from hostel.machine.machine_properties import MachineProperties
 from hostel.machine.registry import Event, Machine, Registry, State
 
 log = logging.getLogger(__name__)
@@ -68,51 +69,10 @@ async def addresses(machine: Machine) -> list[list[Any]]:
     return [[family, socket.inet_pton(family, address)] for family, address in found]
 
 
-class Machine1Machine(ServiceInterface):
+class Machine1Machine(MachineProperties):
     def __init__(self, machine: Machine, compat: "Machine1Service") -> None:
-        super().__init__("org.freedesktop.machine1.Machine")
-        self.machine = machine
+        super().__init__("org.freedesktop.machine1.Machine", machine)
         self.compat = compat
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Name(self) -> "s":
-        return self.machine.name
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> "ay":
-        return self.machine.id
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Timestamp(self) -> "t":
-        return self.machine.timestamp_us
-
-    @dbus_property(access=PropertyAccess.READ)
-    def TimestampMonotonic(self) -> "t":
-        return self.machine.timestamp_monotonic_us
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Service(self) -> "s":
-        return self.machine.service
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Unit(self) -> "s":
-        return self.machine.unit
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Leader(self) -> "u":
-        return self.machine.leader
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Class(self) -> "s":
-        return self.machine.klass
-
-    @dbus_property(access=PropertyAccess.READ)
-    def RootDirectory(self) -> "s":
-        return self.machine.root_directory
-
-    @dbus_property(access=PropertyAccess.READ)
-    def NetworkInterfaces(self) -> "ai":
-        return self.machine.network_interfaces
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":

@@ -16,6 +16,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbu
 
 from hostel.bus import Dispatcher, InvalidArgs, NoSuchObject, escape_path_label, mutating
 from hostel.machine import enter, rootfs, settings as machine_settings
+from hostel.machine.machine_properties import MachineProperties
 from hostel.machine.registry import Event, Machine, Registry, State
 from hostel.machine.runner import MachineRunner, MachineStartFailed
 from hostel.machine.settings import Stdio
@@ -65,57 +66,16 @@ def os_release(machine: Machine) -> dict[str, str]:
     return rootfs.read_os_release(f"/proc/{machine.leader}/root")
 
 
-class MachineInterface(ServiceInterface):
+class MachineInterface(MachineProperties):
     """org.hostel1.Machine: one object per machine."""
 
     def __init__(self, machine: Machine, manager: "MachineService") -> None:
-        super().__init__("org.hostel1.Machine")
-        self.machine = machine
+        super().__init__("org.hostel1.Machine", machine)
         self.manager = manager
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Name(self) -> "s":
-        return self.machine.name
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> "ay":
-        return self.machine.id
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Class(self) -> "s":
-        return self.machine.klass
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Service(self) -> "s":
-        return self.machine.service
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Unit(self) -> "s":
-        return self.machine.unit
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Leader(self) -> "u":
-        return self.machine.leader
-
-    @dbus_property(access=PropertyAccess.READ)
-    def RootDirectory(self) -> "s":
-        return self.machine.root_directory
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> "s":
         return self.machine.state.value
-
-    @dbus_property(access=PropertyAccess.READ)
-    def Timestamp(self) -> "t":
-        return self.machine.timestamp_us
-
-    @dbus_property(access=PropertyAccess.READ)
-    def TimestampMonotonic(self) -> "t":
-        return self.machine.timestamp_monotonic_us
-
-    @dbus_property(access=PropertyAccess.READ)
-    def NetworkInterfaces(self) -> "ai":
-        return self.machine.network_interfaces
 
     @dbus_property(access=PropertyAccess.READ)
     def ExitStatus(self) -> "i":
