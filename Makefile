@@ -2,29 +2,46 @@
 
 SHELL := /bin/bash
 # A real interpreter binary, not a shim: every hostelctl start pays for it.
-PYTHON := $(shell readlink -f /usr/bin/python3)
+# Expanded where used: on a fresh machine python3 arrives with the `apt` step.
+PYTHON = $(shell readlink -f /usr/bin/python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 # DESIGN.md's system packages, plus the toolchain the cffi extension needs and
-# the peers the benchmarks compare against.
+# the peers the benchmarks compare against; systemd ships the cryptsetup
+# generator the oracle tests compare ours with.
 APT_PACKAGES := dbus busybox-static squashfs-tools libseccomp-dev python3-seccomp \
 	libcryptsetup-dev cryptsetup-bin systemd-container strace iproute2 util-linux \
 	gcc python3-dev python3-venv hyperfine crun runc \
-	fdisk e2fsprogs dosfstools xfsprogs btrfs-progs attr libcap2-bin
+	fdisk e2fsprogs dosfstools xfsprogs btrfs-progs attr libcap2-bin \
+	qemu-system-x86 skopeo docker-registry mmdebstrap acpica-tools \
+	systemd musl-tools kmod groff-base man-db iptables
 
-NATIVE_SOURCES := $(wildcard bindings/*.c bindings/*.h) bindings/build_native.py
+NATIVE_SOURCES := $(wildcard bindings/*.c bindings/*.h bindings/build_*.py)
 
 PREFIX ?= /usr/local
 DESTDIR ?=
 SYSCONFDIR ?= /etc
 
-.PHONY: setup apt venv bytecode busybox-tree test demo install bench clean
+.PHONY: setup apt venv bytecode busybox-tree kernels guest-init docs test lab-shell demo lint install uninstall bench clean
 
 BUSYBOX_TREE ?= /var/lib/hostel/machines/busybox
 
-setup: apt venv bytecode busybox-tree
+setup: apt venv bytecode busybox-tree kernels guest-init docs
+
+# Man pages and bash completion, written from the option tables the code parses with.
+docs: venv
+	$(VPY) -m hostel.docs build/docs
+
+# Debian's stock kernels, unpacked into a cache (never into /boot): the lab boots
+# the generic one, guests the cloud one.
+kernels: | apt
+	@scripts/fetch-kernels
+
+# The static PID 1 of hostel's VMs (build/guest-init/init), built with musl.
+guest-init: | apt
+	@$(MAKE) -s -C guest-init
 
 busybox-tree: | apt
 	@scripts/make-busybox-tree $(BUSYBOX_TREE)
@@ -46,35 +63,39 @@ bytecode: venv
 
 $(VENV)/.installed: pyproject.toml setup.py $(NATIVE_SOURCES) | apt
 	@test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test,lint]'
 	@touch $@
 
 test: setup
 	$(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-demo: setup
+# The lab VM by hand (tests/lab/README.md): a root shell with the checkout, KVM and
+# device-mapper; the lab initramfs is built into /var/cache/hostel/lab on first use.
+lab-shell: setup
+	PYTHONPATH=tests $(VPY) -m lab.shell
+
+# The demo needs no stock kernels: on a fresh machine it skips their download.
+demo: apt venv bytecode busybox-tree
 	$(VPY) scripts/demo.py
+
+# The quality gates CI runs: ruff and mypy (the venv's [lint] extra), zero findings.
+lint: venv
+	$(VENV)/bin/ruff check daemon
+	$(VENV)/bin/mypy daemon/hostel
 
 bench: setup
 	$(VPY) bench/run.py
 
-# Console scripts link to the venv; bus policy, activation, unit and tmpfiles
-# go where dbus-daemon and systemd look for local additions.
-install: setup
-	install -d $(DESTDIR)$(PREFIX)/bin
-	for tool in hosteld hostelctl; do \
-		ln -sf $(CURDIR)/$(VENV)/bin/$$tool $(DESTDIR)$(PREFIX)/bin/$$tool; done
-	# The generator runs at every boot: a lean launcher (python -I -S), not pip's wrapper.
-	sed -e 's|@PYTHON@|$(PYTHON)|' -e 's|@PKGDIR@|$(CURDIR)/daemon|' \
-		bin/hostel-cryptsetup-generator.in > $(DESTDIR)$(PREFIX)/bin/hostel-cryptsetup-generator
-	chmod 755 $(DESTDIR)$(PREFIX)/bin/hostel-cryptsetup-generator
-	install -D -m 644 dbus/org.hostel1.conf $(DESTDIR)/usr/share/dbus-1/system.d/org.hostel1.conf
-	install -D -m 644 dbus/org.hostel1.service $(DESTDIR)/usr/share/dbus-1/system-services/org.hostel1.service
-	install -D -m 644 systemd/hosteld.service $(DESTDIR)$(SYSCONFDIR)/systemd/system/hosteld.service
-	install -D -m 644 systemd/hostel.tmpfiles.conf $(DESTDIR)/usr/lib/tmpfiles.d/hostel.conf
-	install -d $(DESTDIR)$(SYSCONFDIR)/systemd/system-generators
-	ln -sf $(PREFIX)/bin/hostel-cryptsetup-generator \
-		$(DESTDIR)$(SYSCONFDIR)/systemd/system-generators/systemd-cryptsetup-generator
+# A self-contained install (scripts/install-hostel says how): its own venv in
+# $(PREFIX)/lib/hostel built from the project's wheel, launchers in
+# $(PREFIX)/bin, bus policy and activation file, unit, tmpfiles snippet, the
+# generator in /etc/systemd/system-generators (where it masks systemd's).
+install: venv
+	@DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' SYSCONFDIR='$(SYSCONFDIR)' PYTHON='$(PYTHON)' \
+		VPY='$(VPY)' scripts/install-hostel
+
+uninstall:
+	@DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' SYSCONFDIR='$(SYSCONFDIR)' scripts/uninstall-hostel
 
 clean:
 	rm -rf $(VENV) build daemon/*.egg-info daemon/hostel/_native*.so

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,11 +27,14 @@ from hostel.privatebus import PrivateBus, start_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-RUNS = 100
+RUNS = int(os.environ.get("HOSTEL_BENCH_RUNS", "100"))  # fewer on a loaded machine
 CONCURRENT = 200
 CONNECTIONS = 8  # the system bus allows a connection 128 pending calls
 RSS_MACHINES = 50
 RSS_CYCLES = int(os.environ.get("HOSTEL_BENCH_CYCLES", "1000"))
+# "network": only the interleaved hostelctl run / systemd-nspawn ratios (issue 16), a few
+# minutes instead of the whole benchmark, for measuring a change to the start-up path.
+ONLY = os.environ.get("HOSTEL_BENCH_ONLY", "")
 
 OCI_WRAPPER = """#!/bin/sh
 exec unshare -m sh -c 'mount -t cgroup2 none /sys/fs/cgroup && mount -t tmpfs tmpfs /run && exec "$@"' sh "$@"
@@ -61,6 +66,53 @@ def oci_bundle(work: Path, tree: Path) -> Path:
     config["linux"].pop("resources", None)
     (bundle / "config.json").write_text(json.dumps(config))
     return bundle
+
+
+# The network set-ups compared side by side: none (the host's), loopback only, a veth pair.
+NETWORKS = {"none": "", "--private-network": " --private-network",
+            "--network-veth": " --network-veth"}
+
+
+def network_pairs(tree: Path, nspawn: str) -> dict[str, str]:
+    """`hostelctl run` and systemd-nspawn with each of NETWORKS, named by their flags; a
+    fixed machine name, so that the veth's host side is ve-bench in both."""
+    pairs = {}
+    for flags in NETWORKS.values():
+        pairs[f"hostelctl run{flags}"] = (f"{VENV_BIN}/hostelctl run -q -D {tree} -M bench"
+                                          f"{flags} /bin/true")
+        pairs[f"systemd-nspawn{flags}"] = (f"{nspawn} systemd-nspawn --register=no --keep-unit "
+                                           f"-q -D {tree} -M bench{flags} /bin/true")
+    return pairs
+
+
+def interleaved_medians(commands: dict[str, str], env: dict[str, str],
+                        runs: int) -> dict[str, float]:
+    """Median start-to-exit in ms of each command, run in turn (the order rotating each
+    round) rather than one command's runs after another's as hyperfine does: on a shared,
+    loaded machine a load change then hits every command alike, so their ratios hold."""
+    argvs = {name: shlex.split(cmd) for name, cmd in commands.items()}
+    names = list(argvs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(runs + 3):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            start = time.perf_counter()
+            subprocess.run(argvs[name], env=env, check=True, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL)
+            if round_ >= 3:  # warm-up, as for hyperfine
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def network_ratio_rows(tree: Path, nspawn: str, env: dict[str, str]) -> list[dict[str, object]]:
+    """Issue 16's ratios: hostelctl run / systemd-nspawn per network set-up, interleaved."""
+    medians = interleaved_medians(network_pairs(tree, nspawn), env, RUNS)
+    rows: list[dict[str, object]] = []
+    for label, flags in NETWORKS.items():
+        ours, theirs = medians[f"hostelctl run{flags}"], medians[f"systemd-nspawn{flags}"]
+        rows.append({"benchmark": "hostelctl run / systemd-nspawn, interleaved",
+                     "target": label, "hostel_median_ms": round(ours, 1),
+                     "nspawn_median_ms": round(theirs, 1), "ratio": round(ours / theirs, 2)})
+    return rows
 
 
 def hyperfine(commands: dict[str, str], env: dict[str, str]) -> dict[str, float]:
@@ -114,7 +166,9 @@ async def concurrent_starts(address: str, tree: Path) -> tuple[int, float]:
 
     buses = [make_patient(await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect())
              for _ in range(CONNECTIONS)]
-    settings = {"Directory": Variant("s", str(tree)), "Command": Variant("as", ["/bin/true"])}
+    # Read-only: many machines on one tree take its lock shared, as nspawn 252's would.
+    settings = {"Directory": Variant("s", str(tree)), "Command": Variant("as", ["/bin/true"]),
+                "ReadOnly": Variant("b", True)}
 
     async def one(i: int) -> bool:
         reply = await buses[i % CONNECTIONS].call(Message(destination="org.hostel1", path="/org/hostel1/machine",
@@ -143,14 +197,17 @@ def memory_rows(address: str, tree: Path, daemon_pid: int) -> list[dict[str, obj
     ctl = str(VENV_BIN / "hostelctl")
     idle = rss_kib(daemon_pid)
     procs = [subprocess.Popen([ctl, "run", "-q", "-D", str(tree), "-M", f"m{i}", "--as-pid2",
-                               "sleep", "600"], env=env, stdin=subprocess.DEVNULL)
+                               "--read-only", "sleep", "600"], env=env, stdin=subprocess.DEVNULL)
              for i in range(RSS_MACHINES)]
-    _wait_listed(ctl, env, RSS_MACHINES)
-    loaded = rss_kib(daemon_pid)
-    for i in range(RSS_MACHINES):
-        subprocess.run([ctl, "kill", f"m{i}", "--signal=KILL"], env=env, check=False)
-    for proc in procs:
-        proc.wait()
+    try:  # machines outlive hosteld: kill them whatever happens
+        _wait_listed(ctl, env, RSS_MACHINES)
+        loaded = rss_kib(daemon_pid)
+    finally:
+        for i in range(RSS_MACHINES):
+            subprocess.run([ctl, "kill", f"m{i}", "--signal=KILL"], env=env, check=False,
+                           capture_output=True)
+        for proc in procs:
+            proc.wait()
     after_warmup = rss_kib(daemon_pid)
     for _ in range(RSS_CYCLES):
         subprocess.run([ctl, "run", "-q", "-D", str(tree), "/bin/true"], env=env, check=True,
@@ -191,6 +248,8 @@ def run() -> list[dict[str, object]]:
         daemon = start_daemon(bus, work)
         env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address)
         try:
+            if ONLY == "network":
+                return network_ratio_rows(tree, nspawn, env)
             client_ms = dbus_client_mean_ms(bus.address, tree)
             no_cgroup_ms = dbus_client_mean_ms(bus.address, tree, keep_unit=True)
             peers = {}
@@ -198,9 +257,7 @@ def run() -> list[dict[str, object]]:
                 peers["crun run, cgroupfs v1"] = (f"{oci_v1} crun --cgroup-manager=cgroupfs run "
                                                   f"-b {bundle} bench")
             means = hyperfine({
-                "hostelctl run": f"{VENV_BIN}/hostelctl run -q -D {tree} /bin/true",
-                "systemd-nspawn": f"{nspawn} systemd-nspawn --register=no --keep-unit -q "
-                                  f"-D {tree} /bin/true",
+                **network_pairs(tree, nspawn),
                 "crun run": f"{oci} crun --cgroup-manager=disabled run -b {bundle} bench",
                 "runc run": f"{oci} runc run -b {bundle} bench",
                 "unshare+chroot (floor)": f"unshare -fpmiun --mount-proc chroot {tree} /bin/true",
@@ -214,6 +271,7 @@ def run() -> list[dict[str, object]]:
                              "mean_ms": round(ms, 1),
                              "vs crun": round(ms / means["crun run"], 2),
                              "vs nspawn": round(ms / means["systemd-nspawn"], 2)})
+            rows += network_ratio_rows(tree, nspawn, env)
             ok, elapsed = asyncio.run(concurrent_starts(bus.address, tree))
             _wait_gone(env)
             rows.append({"benchmark": f"{CONCURRENT} concurrent StartMachine", "target": "hosteld",

@@ -4,7 +4,7 @@ Compiled out of line at install time (setup.py's cffi_modules), so importing
 the daemon never runs a compiler."""
 from cffi import FFI
 
-SOURCES = ["spawn.c", "syscalls.c"]
+SOURCES = ["spawn.c", "syscalls.c", "beneath.c"]
 
 CDEF = """
 /* spawn.h */
@@ -17,16 +17,19 @@ enum hostel_op_kind {
     HOSTEL_OP_WAIT_FD, HOSTEL_OP_NOTIFY_FD, HOSTEL_OP_DUP2, HOSTEL_OP_SETSID,
     HOSTEL_OP_SETCTTY, HOSTEL_OP_SETNS, HOSTEL_OP_UNSHARE, HOSTEL_OP_UMASK,
     HOSTEL_OP_EXECVE, HOSTEL_OP_STUB_INIT, HOSTEL_OP_UNLINK, HOSTEL_OP_FAIL,
-    HOSTEL_OP_MOVE_MOUNT, HOSTEL_OP_FCHDIR, HOSTEL_OP_WRITE_FD
+    HOSTEL_OP_MOVE_MOUNT, HOSTEL_OP_FCHDIR, HOSTEL_OP_WRITE_FD, HOSTEL_OP_SETRLIMIT
 };
 #define HOSTEL_OPF_IGNORE_ENOENT ...
 #define HOSTEL_OPF_IGNORE_ERRORS ...
+#define HOSTEL_OPF_PATH_BENEATH ...
+#define HOSTEL_OPF_SOURCE_BENEATH ...
 struct hostel_op {
     int kind; int flags;
     const char *path; const char *arg; const char *arg2; const char *arg3;
     uint64_t num; uint64_t num2; uint64_t num3;
     const void *data; size_t len;
     char *const *argv; char *const *envp;
+    const char *root;
 };
 struct hostel_step_failure { int32_t index; int32_t error; };
 struct hostel_spawn_args {
@@ -35,6 +38,11 @@ struct hostel_spawn_args {
 };
 int hostel_spawn(const struct hostel_spawn_args *args, int *pidfd_out);
 int hostel_spawn_shares_memory(void);
+
+/* beneath.h */
+int hostel_openat_beneath(int rootfd, const char *path, int flags, int mode);
+int hostel_open_beneath(const char *root, const char *path, int flags, int mode);
+long hostel_fs_type(int fd);
 
 /* syscalls.h */
 struct hostel_exit { int32_t pid; int32_t code; int32_t status; };
@@ -96,7 +104,7 @@ ffibuilder.set_source(
     "hostel._native",
     '#include <sched.h>\n#include <sys/mount.h>\n#include <sys/prctl.h>\n'
     '#include <sys/wait.h>\n#include <unistd.h>\n#include <fcntl.h>\n'
-    '#include "spawn.h"\n#include "syscalls.h"\n',
+    '#include "spawn.h"\n#include "syscalls.h"\n#include "beneath.h"\n',
     sources=[f"bindings/{name}" for name in SOURCES],
     include_dirs=["bindings"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],

@@ -6,11 +6,13 @@
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CPUID_ENTRIES 128
@@ -57,6 +59,23 @@ int hostel_kvm_create_irqchip(int vm_fd, uint64_t tss_addr)
         return ret(ioctl(vm_fd, KVM_CREATE_IRQCHIP, 0));
 }
 
+int hostel_kvm_route_ioapic(int vm_fd, uint32_t pins)
+{
+        struct kvm_irq_routing *r = calloc(1, sizeof(*r) + pins * sizeof(struct kvm_irq_routing_entry));
+        if (!r)
+                return -ENOMEM;
+        r->nr = pins;
+        for (uint32_t gsi = 0; gsi < pins; gsi++) {
+                r->entries[gsi].gsi = gsi;
+                r->entries[gsi].type = KVM_IRQ_ROUTING_IRQCHIP;
+                r->entries[gsi].u.irqchip.irqchip = KVM_IRQCHIP_IOAPIC;
+                r->entries[gsi].u.irqchip.pin = gsi;
+        }
+        int rc = ret(ioctl(vm_fd, KVM_SET_GSI_ROUTING, r));
+        free(r);
+        return rc;
+}
+
 int hostel_kvm_create_pit(int vm_fd)
 {
         struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
@@ -85,7 +104,6 @@ int hostel_vcpu_create(int kvm_fd, int vm_fd, int id, struct hostel_vcpu *vcpu)
 {
         memset(vcpu, 0, sizeof(*vcpu));
         vcpu->fd = -1;
-        vcpu->serial.out_fd = -1;
         int size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
         if (size < 0)
                 return -errno;
@@ -114,15 +132,51 @@ void hostel_vcpu_destroy(struct hostel_vcpu *vcpu)
         vcpu->fd = -1;
 }
 
-int hostel_vcpu_set_cpuid(int kvm_fd, struct hostel_vcpu *vcpu)
+#define CPUID_1_ECX_TSC_DEADLINE (1u << 24)
+#define CPUID_1_ECX_HYPERVISOR (1u << 31)
+#define CPUID_1_EDX_HTT (1u << 28)
+
+/* What KVM supports is not yet what a guest should see: the hypervisor bit
+ * (without it Linux never looks for KVM's leaves, so no kvmclock, and it
+ * tries to calibrate the TSC against a PIT and HPET it is told are absent),
+ * and each vCPU's own APIC id where CPUID carries one (Linux checks them
+ * against the MADT's and numbers its CPUs by them). The TSC-deadline timer
+ * mode of the LAPIC: KVM emulates it in its in-kernel LAPIC (which every
+ * hostel VM has), but kernels before 6.14 leave it out of
+ * KVM_GET_SUPPORTED_CPUID because it depends on that LAPIC, and say so by
+ * KVM_CAP_TSC_DEADLINE_TIMER instead; without it Linux falls back to the
+ * LAPIC's one-shot mode, calibrated against the PIT. */
+static void adapt_cpuid(struct kvm_cpuid2 *c, uint32_t apic_id, uint32_t cpus,
+                        bool tsc_deadline)
+{
+        for (uint32_t i = 0; i < c->nent; i++) {
+                struct kvm_cpuid_entry2 *e = &c->entries[i];
+                if (e->function == 1) {
+                        e->ecx |= CPUID_1_ECX_HYPERVISOR;
+                        if (tsc_deadline)
+                                e->ecx |= CPUID_1_ECX_TSC_DEADLINE;
+                        e->ebx = (e->ebx & 0x0000ffffu) | (apic_id << 24) | ((cpus & 0xff) << 16);
+                        if (cpus > 1)
+                                e->edx |= CPUID_1_EDX_HTT;  /* the count in ebx is valid */
+                } else if (e->function == 0xb || e->function == 0x1f) {
+                        e->edx = apic_id;
+                }
+        }
+}
+
+int hostel_vcpu_set_cpuid(int kvm_fd, struct hostel_vcpu *vcpu, uint32_t apic_id, uint32_t cpus)
 {
         struct kvm_cpuid2 *c = calloc(1, sizeof(*c) + CPUID_ENTRIES * sizeof(struct kvm_cpuid_entry2));
         if (!c)
                 return -ENOMEM;
         c->nent = CPUID_ENTRIES;
         int r = ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, c);
-        if (r == 0)
+        if (r == 0) {
+                bool tsc_deadline = ioctl(kvm_fd, KVM_CHECK_EXTENSION,
+                                          KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+                adapt_cpuid(c, apic_id, cpus, tsc_deadline);
                 r = ioctl(vcpu->fd, KVM_SET_CPUID2, c);
+        }
         r = ret(r);
         free(c);
         return r;
@@ -173,61 +227,97 @@ int hostel_vcpu_enter_long_mode(struct hostel_vcpu *vcpu, uint64_t entry, uint64
         return ret(ioctl(vcpu->fd, KVM_SET_REGS, &r));
 }
 
-/* 16550 UART, enough for polled output: transmitter always empty, no input. */
-#define UART_LCR_DLAB 0x80
-#define UART_LSR_THRE 0x20
-#define UART_LSR_TEMT 0x40
-#define UART_IIR_NO_INT 0x01
-
-static uint8_t serial_in(struct hostel_serial *s, unsigned off)
+/* A write that ends the guest: the kind of end, or 0 for none. */
+static int ending_write(uint16_t port, uint8_t v)
 {
-        int dlab = s->regs[3] & UART_LCR_DLAB;
-        switch (off) {
-        case 0: return dlab ? s->dll : 0;
-        case 1: return dlab ? s->dlm : s->regs[1];
-        case 2: return UART_IIR_NO_INT;
-        case 5: return UART_LSR_THRE | UART_LSR_TEMT;
-        case 6: return 0xb0;  /* DCD, DSR, CTS: a cable is there */
-        default: return s->regs[off];
+        if (port == HOSTEL_I8042_COMMAND_PORT && v == HOSTEL_I8042_RESET)
+                return HOSTEL_EXIT_RESET;
+        if (port == HOSTEL_ACPI_RESET_PORT && v == HOSTEL_ACPI_RESET_VALUE)
+                return HOSTEL_EXIT_RESET;
+        if (port == HOSTEL_ACPI_SLEEP_CONTROL_PORT && (v & HOSTEL_ACPI_SLEEP_ENABLE) &&
+            ((v >> 2) & 7) == HOSTEL_ACPI_S5_TYPE)
+                return HOSTEL_EXIT_POWEROFF;
+        if (port == HOSTEL_PVPANIC_PORT && (v & HOSTEL_PVPANIC_PANICKED))
+                return HOSTEL_EXIT_PANIC;
+        return 0;
+}
+
+/* What reading a port gives: the i8042's status and data and the ACPI sleep
+ * registers read 0 (idle), pvpanic its events; a port with no device floats high,
+ * PCI's CONFIG_DATA (0xCFC-0xCFF) too: there is no PCI device to answer. */
+static uint8_t port_in(uint16_t port)
+{
+        switch (port) {
+        case HOSTEL_I8042_DATA_PORT:
+        case HOSTEL_I8042_COMMAND_PORT:
+        case HOSTEL_ACPI_SLEEP_CONTROL_PORT:
+        case HOSTEL_ACPI_SLEEP_STATUS_PORT:
+                return 0;
+        case HOSTEL_PVPANIC_PORT:
+                return HOSTEL_PVPANIC_PANICKED;
+        default:
+                return 0xff;
         }
 }
 
-static void serial_out(struct hostel_serial *s, unsigned off, uint8_t v)
+static void note_boot_marker(struct hostel_vcpu *vcpu, uint8_t value)
 {
-        int dlab = s->regs[3] & UART_LCR_DLAB;
-        if (off == 0 && !dlab) {
-                if (s->out_fd >= 0 && write(s->out_fd, &v, 1) == 1)
-                        s->written++;
-        } else if (off == 0) {
-                s->dll = v;
-        } else if (off == 1 && dlab) {
-                s->dlm = v;
-        } else if (off != 2 && off != 5) {
-                s->regs[off] = v;
+        struct timespec now;
+        if (value != HOSTEL_BOOT_MARKER_VALUE || vcpu->boot_marker_ns ||
+            clock_gettime(CLOCK_MONOTONIC, &now) < 0)
+                return;
+        vcpu->boot_marker_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+/* CONFIG_ADDRESS of PCI configuration mechanism 1, reached by 32-bit accesses
+ * only (byte accesses to 0xCF8-0xCFB would be other registers on a PC; there
+ * are none here, so they float): it keeps what is written, reserved bits 0. */
+static void pci_config_address(struct hostel_pci_host *pci, int out, uint8_t *data)
+{
+        uint32_t v;
+        if (out) {
+                memcpy(&v, data, sizeof(v));
+                __atomic_store_n(&pci->config_address, v & HOSTEL_PCI_CONFIG_ADDRESS_MASK,
+                                 __ATOMIC_RELAXED);
+        } else {
+                v = __atomic_load_n(&pci->config_address, __ATOMIC_RELAXED);
+                memcpy(data, &v, sizeof(v));
         }
 }
 
-/* Port I/O: serial and debug-exit handled here; 1 means "return to the caller". */
+/* Port I/O: serial, debug-exit, power and PCI's CONFIG_ADDRESS handled here;
+ * 1 means "return to the caller". */
 static int handle_io(struct hostel_vcpu *vcpu, struct kvm_run *run, struct hostel_exit *exit)
 {
         uint8_t *data = (uint8_t *)run + run->io.data_offset;
         uint16_t port = run->io.port;
+        int out = run->io.direction == KVM_EXIT_IO_OUT;
         for (uint32_t i = 0; i < run->io.count; i++, data += run->io.size) {
-                if (port >= HOSTEL_SERIAL_PORT && port < HOSTEL_SERIAL_PORT + 8) {
+                if (port >= HOSTEL_SERIAL_PORT && port < HOSTEL_SERIAL_PORT + 8 && vcpu->uart) {
                         unsigned off = port - HOSTEL_SERIAL_PORT;
-                        if (run->io.direction == KVM_EXIT_IO_OUT)
-                                serial_out(&vcpu->serial, off, data[0]);
+                        if (out)
+                                hostel_uart_write(vcpu->uart, off, data[0]);
                         else
-                                data[0] = serial_in(&vcpu->serial, off);
-                } else if (port == HOSTEL_DEBUG_EXIT_PORT && run->io.direction == KVM_EXIT_IO_OUT) {
+                                data[0] = hostel_uart_read(vcpu->uart, off);
+                } else if (port == HOSTEL_PCI_CONFIG_ADDRESS_PORT && run->io.size == 4 &&
+                           vcpu->pci) {
+                        pci_config_address(vcpu->pci, out, data);
+                } else if (port == HOSTEL_DEBUG_EXIT_PORT && out) {
                         exit->kind = HOSTEL_EXIT_DEBUG_EXIT;
                         exit->code = data[0];
                         return 1;
+                } else if (port == HOSTEL_BOOT_MARKER_PORT && out) {
+                        note_boot_marker(vcpu, data[0]);
+                } else if (out) {
+                        int kind = ending_write(port, data[0]);
+                        if (kind) {
+                                exit->kind = kind;
+                                exit->detail = port;
+                                return 1;
+                        }
+                        vcpu->ignored_ports++;  /* no device: writes vanish */
                 } else {
-                        /* no device: reads float high, writes vanish (as on a bare bus) */
-                        if (run->io.direction == KVM_EXIT_IO_IN)
-                                memset(data, 0xff, run->io.size);
-                        vcpu->ignored_ports++;
+                        memset(data, port_in(port), run->io.size);
                 }
         }
         return 0;
@@ -293,7 +383,8 @@ static int run_loop(struct hostel_vcpu *vcpu, struct hostel_exit *exit)
                         exit->kind = HOSTEL_EXIT_SHUTDOWN;
                         return 0;
                 case KVM_EXIT_SYSTEM_EVENT:
-                        exit->kind = HOSTEL_EXIT_SHUTDOWN;
+                        exit->kind = run->system_event.type == KVM_SYSTEM_EVENT_RESET ?
+                                HOSTEL_EXIT_RESET : HOSTEL_EXIT_SHUTDOWN;
                         exit->detail = run->system_event.type;
                         return 0;
                 case KVM_EXIT_INTERNAL_ERROR:

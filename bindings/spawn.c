@@ -5,10 +5,12 @@
  * init, which never runs on shared memory. */
 #define _GNU_SOURCE
 #include "spawn.h"
+#include "beneath.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <limits.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/sched.h>
@@ -22,6 +24,7 @@
 #include <sys/mount.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -29,6 +32,9 @@
 
 #ifndef MOVE_MOUNT_F_EMPTY_PATH
 #define MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#endif
+#ifndef MOVE_MOUNT_T_EMPTY_PATH
+#define MOVE_MOUNT_T_EMPTY_PATH 0x00000040
 #endif
 #ifndef CLONE_INTO_CGROUP
 #define CLONE_INTO_CGROUP 0x200000000ULL
@@ -147,17 +153,30 @@ static int op_notify_fd(const struct hostel_op *op)
         return write_all((int)op->num, "x", 1);
 }
 
-/* Show up in ps as what we are, not as a copy of the daemon (the command
- * line stays the daemon's: rewriting it needs CONFIG_CHECKPOINT_RESTORE). */
-static void name_stub_init(void)
+/* Show up as what we are, not as a copy of the daemon: op->arg is the name
+ * (comm), and the command line, [num, num2) in our copy of the daemon's
+ * memory, is overwritten with it in place and padded with NULs, as
+ * systemd-nspawn's stub init does (/proc/1/cmdline reads that memory). */
+static void name_stub_init(const struct hostel_op *op)
 {
-        prctl(PR_SET_NAME, "hostel-stubinit", 0, 0, 0);
+        char *cmdline = (char *)(uintptr_t)op->num;
+        size_t room = op->num2 > op->num ? (size_t)(op->num2 - op->num) : 0;
+
+        prctl(PR_SET_NAME, op->arg, 0, 0, 0);
+        if (room == 0)
+                return;
+        size_t n = strlen(op->arg);
+        if (n >= room)
+                n = room - 1;
+        memset(cmdline, 0, room);
+        memcpy(cmdline, op->arg, n);
 }
 
 /* Stay behind as a minimal PID 1: reap every child, forward signals to the
- * payload, and exit with the payload's status once it is gone. The payload
- * (the child) returns 0 here and carries on with the rest of the plan. */
-static int op_stub_init(void)
+ * payload, and exit with the payload's status once it is gone (255 if a
+ * signal ended it, as nspawn's stub). The payload (the child) returns 0
+ * here and carries on with the rest of the plan. */
+static int op_stub_init(const struct hostel_op *op)
 {
         sigset_t all;
 
@@ -170,7 +189,7 @@ static int op_stub_init(void)
                 sigprocmask(SIG_UNBLOCK, &all, NULL);
                 return 0;
         }
-        name_stub_init();
+        name_stub_init(op);
         /* Hold nothing of the plan's: the parent reads "started" from the report
          * pipe closing, which the payload's execve does only if we let go too. */
         syscall(SYS_close_range, 3, ~0U, 0);
@@ -180,7 +199,11 @@ static int op_stub_init(void)
                 if (sig < 0)
                         continue;
                 if (sig != SIGCHLD) {
-                        kill((pid_t)pid, sig);
+                        /* Like PID 1 itself, ignore what the kernel raises on its own:
+                         * the console's hangup (SIGHUP, SIGCONT) when hosteld, which
+                         * holds its pty master, goes away. Processes' signals go on. */
+                        if (si.si_code != SI_KERNEL)
+                                kill((pid_t)pid, sig);
                         continue;
                 }
                 for (;;) {
@@ -189,14 +212,268 @@ static int op_stub_init(void)
                         if (done <= 0)
                                 break;
                         if (done == pid)
-                                _exit(WIFSIGNALED(status) ? 128 + WTERMSIG(status)
-                                                          : WEXITSTATUS(status));
+                                _exit(WIFSIGNALED(status) ? 255 : WEXITSTATUS(status));
                 }
+        }
+}
+
+/* A resource limit, or as close to it as we may (systemd's setrlimit_closest):
+ * a hard limit above ours needs CAP_SYS_RESOURCE in the host's user namespace,
+ * which a --private-users child lacks; it then keeps our hard limit. */
+static int op_setrlimit(const struct hostel_op *op)
+{
+        struct rlimit want = { .rlim_cur = op->num2, .rlim_max = op->num3 };
+        struct rlimit now;
+
+        if (setrlimit((int)op->num, &want) == 0)
+                return 0;
+        if (errno != EPERM)
+                return -errno;
+        if (getrlimit((int)op->num, &now) < 0)
+                return -errno;
+        if (want.rlim_max > now.rlim_max)
+                want.rlim_max = now.rlim_max;
+        if (want.rlim_cur > want.rlim_max)
+                want.rlim_cur = want.rlim_max;
+        return sys_result(setrlimit((int)op->num, &want));
+}
+
+/* Steps inside a container's tree (op->root set, see spawn.h) ------------
+ *
+ * The tree is resolved afresh for every step (whatever is mounted on the
+ * root by then is the tree), the step's path inside it with
+ * RESOLVE_IN_ROOT, and the step then acts on the descriptor: through the
+ * *at() calls on the parent directory for the last component, or through
+ * /proc/self/fd/N for mount(2), which resolves that to exactly the object
+ * the descriptor holds. The host's /proc is still ours at this point: these
+ * steps come before the child enters the tree. */
+
+/* "/proc/self/fd/N" into out (at least 32 bytes), without stdio. */
+static const char *fd_path(char *out, int fd)
+{
+        static const char prefix[] = "/proc/self/fd/";
+        char digits[12];
+        int n = 0;
+
+        do {
+                digits[n++] = (char)('0' + fd % 10);
+                fd /= 10;
+        } while (fd > 0);
+        memcpy(out, prefix, sizeof prefix - 1);
+        char *p = out + sizeof prefix - 1;
+        while (n > 0)
+                *p++ = digits[--n];
+        *p = '\0';
+        return out;
+}
+
+static int resolve_beneath(const struct hostel_op *op, const char *path, int flags, int mode)
+{
+        return hostel_open_beneath(op->root, path, flags, mode);
+}
+
+/* The directory holding op->path's last component, which goes to *base
+ * (in buf, a copy of the path); the tree's root itself has no parent. */
+static int open_parent_beneath(const struct hostel_op *op, char *buf, size_t size,
+                               const char **base)
+{
+        size_t n = strlen(op->path);
+
+        if (n >= size)
+                return -ENAMETOOLONG;
+        memcpy(buf, op->path, n + 1);
+        while (n > 0 && buf[n - 1] == '/')
+                buf[--n] = '\0';
+        char *slash = strrchr(buf, '/');
+        const char *parent = ".";
+        if (slash != NULL) {
+                *slash = '\0';
+                parent = buf;
+                *base = slash + 1;
+        } else {
+                *base = buf;
+        }
+        if (**base == '\0')
+                return -EINVAL;
+        return resolve_beneath(op, parent, O_PATH | O_DIRECTORY, 0);
+}
+
+static int at_mkdir(int dir, const char *base, const struct hostel_op *op)
+{
+        return mkdirat(dir, base, (mode_t)op->num) < 0 && errno != EEXIST ? -errno : 0;
+}
+
+static int at_mknod(int dir, const char *base, const struct hostel_op *op)
+{
+        return sys_result(mknodat(dir, base, (mode_t)op->num, (dev_t)op->num2));
+}
+
+static int at_symlink(int dir, const char *base, const struct hostel_op *op)
+{
+        return sys_result(symlinkat(op->arg, dir, base));
+}
+
+static int at_unlink(int dir, const char *base, const struct hostel_op *op)
+{
+        (void)op;
+        return sys_result(unlinkat(dir, base, 0));
+}
+
+static int at_chown(int dir, const char *base, const struct hostel_op *op)
+{
+        return sys_result(fchownat(dir, base, (uid_t)op->num, (gid_t)op->num2,
+                                   AT_SYMLINK_NOFOLLOW));
+}
+
+static int on_parent_beneath(const struct hostel_op *op,
+                             int (*act)(int dir, const char *base, const struct hostel_op *op))
+{
+        char buf[PATH_MAX];
+        const char *base;
+        int dir = open_parent_beneath(op, buf, sizeof buf, &base);
+
+        if (dir < 0)
+                return dir;
+        int r = act(dir, base, op);
+        close(dir);
+        return r;
+}
+
+/* An existing file is written only if it is a regular one: a FIFO would
+ * block the start, a device node would be a way to the host's devices. */
+static int reopen_regular_for_writing(int pathfd, int open_flags)
+{
+        struct stat st;
+        char proc[32];
+
+        if (fstat(pathfd, &st) < 0)
+                return -errno;
+        if (S_ISDIR(st.st_mode))
+                return -EISDIR;
+        if (S_ISLNK(st.st_mode))
+                return -ELOOP;
+        if (!S_ISREG(st.st_mode))
+                return -EINVAL;
+        int fd = open(fd_path(proc, pathfd),
+                      O_WRONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (open_flags & O_TRUNC));
+        return fd < 0 ? -errno : fd;
+}
+
+static int open_for_writing_beneath(const struct hostel_op *op)
+{
+        int pathfd = resolve_beneath(op, op->path, O_PATH | O_NOFOLLOW, 0);
+
+        if (pathfd == -ENOENT && (op->num2 & O_CREAT))
+                return resolve_beneath(op, op->path,
+                                       O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_NOCTTY,
+                                       (int)op->num);
+        if (pathfd < 0)
+                return pathfd;
+        int fd = reopen_regular_for_writing(pathfd, (int)op->num2);
+        close(pathfd);
+        return fd;
+}
+
+static int write_file_beneath(const struct hostel_op *op)
+{
+        int fd = open_for_writing_beneath(op);
+
+        if (fd < 0)
+                return fd;
+        int r = write_all(fd, op->data, op->len);
+        if (close(fd) < 0 && r == 0)
+                r = -errno;
+        return r;
+}
+
+static int mount_beneath(const struct hostel_op *op)
+{
+        char target_path[32], source_path[32];
+        const char *source = op->arg;
+        int source_fd = -1;
+        const char *target_name = op->path;
+        int target = -1;
+
+        if (op->flags & HOSTEL_OPF_PATH_BENEATH) {
+                target = resolve_beneath(op, op->path, O_PATH, 0);
+                if (target < 0)
+                        return target;
+                target_name = fd_path(target_path, target);
+        }
+        if (op->flags & HOSTEL_OPF_SOURCE_BENEATH) {
+                source_fd = resolve_beneath(op, op->arg, O_PATH, 0);
+                if (source_fd < 0) {
+                        if (target >= 0)
+                                close(target);
+                        return source_fd;
+                }
+                source = fd_path(source_path, source_fd);
+        }
+        int r = sys_result(mount(source, target_name, op->arg2, op->num, op->arg3));
+        if (source_fd >= 0)
+                close(source_fd);
+        if (target >= 0)
+                close(target);
+        return r;
+}
+
+static int on_target_beneath(const struct hostel_op *op)
+{
+        char proc[32];
+        int flags = op->kind == HOSTEL_OP_CHDIR ? O_PATH | O_DIRECTORY : O_PATH;
+        int target = resolve_beneath(op, op->path, flags, 0);
+        int r;
+
+        if (target < 0)
+                return target;
+        switch (op->kind) {
+        case HOSTEL_OP_UMOUNT:
+                r = sys_result(umount2(fd_path(proc, target), (int)op->num));
+                break;
+        case HOSTEL_OP_MOVE_MOUNT:
+                r = sys_result(syscall(SYS_move_mount, (int)op->num, "", target, "",
+                                       MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH));
+                break;
+        default: /* HOSTEL_OP_CHDIR */
+                r = sys_result(fchdir(target));
+                break;
+        }
+        close(target);
+        return r;
+}
+
+static int run_op_beneath(const struct hostel_op *op)
+{
+        if (op->kind == HOSTEL_OP_MOUNT)
+                return mount_beneath(op);
+        if (!(op->flags & HOSTEL_OPF_PATH_BENEATH))
+                return -EINVAL;
+        switch (op->kind) {
+        case HOSTEL_OP_UMOUNT:
+        case HOSTEL_OP_MOVE_MOUNT:
+        case HOSTEL_OP_CHDIR:
+                return on_target_beneath(op);
+        case HOSTEL_OP_MKDIR:
+                return on_parent_beneath(op, at_mkdir);
+        case HOSTEL_OP_MKNOD:
+                return on_parent_beneath(op, at_mknod);
+        case HOSTEL_OP_SYMLINK:
+                return on_parent_beneath(op, at_symlink);
+        case HOSTEL_OP_UNLINK:
+                return on_parent_beneath(op, at_unlink);
+        case HOSTEL_OP_CHOWN:
+                return on_parent_beneath(op, at_chown);
+        case HOSTEL_OP_WRITE_FILE:
+                return write_file_beneath(op);
+        default:
+                return -EINVAL; /* no other step takes a path in the tree */
         }
 }
 
 static int run_op(const struct hostel_op *op)
 {
+        if (op->root != NULL)
+                return run_op_beneath(op);
         switch (op->kind) {
         case HOSTEL_OP_MOUNT:
                 return sys_result(mount(op->arg, op->path, op->arg2, op->num, op->arg3));
@@ -261,7 +538,7 @@ static int run_op(const struct hostel_op *op)
                 execve(op->path, op->argv, op->envp);
                 return -errno;
         case HOSTEL_OP_STUB_INIT:
-                return op_stub_init();
+                return op_stub_init(op);
         case HOSTEL_OP_UNLINK:
                 return sys_result(unlink(op->path));
         case HOSTEL_OP_FAIL:
@@ -270,6 +547,8 @@ static int run_op(const struct hostel_op *op)
                 return sys_result(fchdir((int)op->num));
         case HOSTEL_OP_WRITE_FD:
                 return write_all((int)op->num, op->data, op->len);
+        case HOSTEL_OP_SETRLIMIT:
+                return op_setrlimit(op);
         case HOSTEL_OP_MOVE_MOUNT:
                 return sys_result(syscall(SYS_move_mount, (int)op->num, "", AT_FDCWD, op->path,
                                           MOVE_MOUNT_F_EMPTY_PATH));

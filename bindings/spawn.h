@@ -48,11 +48,14 @@ enum hostel_op_kind {
         HOSTEL_OP_MOVE_MOUNT,      /* num=detached mount fd (open_tree), path=where to attach it */
         HOSTEL_OP_FCHDIR,          /* num=directory fd: enter a tree we cannot name by path */
         HOSTEL_OP_WRITE_FD,        /* num=fd, data/len: e.g. "0" to a v1 cgroup's tasks file */
+        HOSTEL_OP_SETRLIMIT,       /* num=resource, num2=soft, num3=hard (clamped to ours on EPERM) */
 };
 
 /* Modifiers in hostel_op.flags. */
 #define HOSTEL_OPF_IGNORE_ENOENT 0x1  /* a missing path is not a failure */
 #define HOSTEL_OPF_IGNORE_ERRORS 0x2  /* best effort: any error is skipped */
+#define HOSTEL_OPF_PATH_BENEATH 0x4   /* path is relative to root, resolved in that tree */
+#define HOSTEL_OPF_SOURCE_BENEATH 0x8 /* arg (a bind's source) is relative to root, likewise */
 
 struct hostel_op {
         int kind;
@@ -68,6 +71,12 @@ struct hostel_op {
         size_t len;
         char *const *argv;
         char *const *envp;
+        /* A tree the path (HOSTEL_OPF_PATH_BENEATH) or a mount's source
+         * (HOSTEL_OPF_SOURCE_BENEATH) is relative to and resolved inside
+         * (openat2 RESOLVE_IN_ROOT), so the tree's symlinks and ".." cannot
+         * make the step touch the host. For mount, umount, mkdir, mknod,
+         * symlink, write-file, chown, unlink, move-mount and chdir. */
+        const char *root;
 };
 
 /* What the child writes to the report pipe when step `index` fails. */

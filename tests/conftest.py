@@ -1,8 +1,12 @@
 """Fixtures: a private dbus-daemon with the project's policy, and a real hosteld on it."""
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,6 +18,9 @@ import pytest
 
 from hostel.privatebus import DaemonProcess, PrivateBus, start_daemon
 
+# @pytest.mark.lab: tests run in the lab VM where this host lacks KVM or device-mapper
+pytest_plugins = ["lab.plugin"]
+
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
 HOSTELCTL = shutil.which("hostelctl", path=str(Path(sys.executable).parent)) or "hostelctl"
@@ -22,6 +29,37 @@ HOSTELCTL = shutil.which("hostelctl", path=str(Path(sys.executable).parent)) or 
 def pytest_configure(config: pytest.Config) -> None:
     if os.geteuid() != 0:
         pytest.exit("hostel's tests need root: they create namespaces, mounts and devices", 2)
+
+
+_client_envs: list[Path] = []
+
+
+def unprivileged_python() -> str:
+    """A Python that uid 65534 can run and that imports hostel and jeepney.
+
+    The checkout, and so its venv, may sit where only root can enter (/root is
+    0700), which an installed hostel never does.  Unprivileged clients therefore
+    run from a world-readable venv holding copies of the two packages they use,
+    made once per session and removed at its end."""
+    if _client_envs:
+        return str(_client_envs[0] / "bin/python")
+    import jeepney
+
+    import hostel
+    env = Path(tempfile.mkdtemp(prefix="hostel-clients-"))
+    _client_envs.append(env)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    site = env / f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
+    for package in (hostel, jeepney):
+        source = Path(package.__file__).parent
+        shutil.copytree(source, site / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(env)], check=True)
+    return str(env / "bin/python")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for env in _client_envs:
+        shutil.rmtree(env, ignore_errors=True)
 
 
 @pytest.fixture
@@ -69,14 +107,91 @@ def terminate_all_machines(daemon: DaemonProcess) -> None:
     for line in guests[1:]:
         if line.strip() and "guests listed" not in line:
             hostelctl(daemon.address, "guest", "terminate", line.split()[0])
-    listing = hostelctl(daemon.address, "list").stdout.splitlines()
-    names = [line.split()[0] for line in listing[1:] if line.strip() and "machines listed" not in line]
-    for name in names:
+    listing = hostelctl(daemon.address, "list", "--no-legend").stdout.splitlines()
+    for name in [line.split()[0] for line in listing if line.strip()]:
         hostelctl(daemon.address, "kill", name, "--signal=KILL")
     for _ in range(100):
-        if "0 machines listed." in hostelctl(daemon.address, "list").stdout:
+        listed = hostelctl(daemon.address, "list", "--no-legend")
+        if listed.returncode == 0 and not listed.stdout.strip():
             return
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def hosteld_with_env(bus: PrivateBus, tmp_path: Path,
+                     env: dict[str, str]) -> Iterator[DaemonProcess]:
+    """A hosteld with `env` added to its environment, for a fixture's `with`.
+    Its runtime directory is world-searchable, as /run/hostel is: -U containers run as an
+    unprivileged host uid. A test that stopped it gets it started again, to clean up."""
+    runtime = Path(tempfile.mkdtemp(prefix="hostel-run-"))
+    runtime.chmod(0o755)
+    daemon = DaemonProcess(bus.address, runtime, tmp_path / "state", bus=bus, extra_env=env)
+    daemon.log_path = tmp_path / "hosteld.log"
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        if daemon.proc is None:
+            daemon.start()
+        terminate_all_machines(daemon)
+        status = daemon.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
+        assert status == 0, daemon.log()
+
+
+def serve_with_pool(bus: PrivateBus, pool_dir: Path, tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A hosteld whose machine pool is pool_dir (HOSTEL_MACHINE_POOL)."""
+    with hosteld_with_env(bus, tmp_path, {"HOSTEL_MACHINE_POOL": str(pool_dir)}) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def trusted_dir(tmp_path: Path) -> Path:
+    """The trusted .nspawn directory of `trusted_hosteld` (252's /etc/systemd/nspawn)."""
+    path = tmp_path / "etc-nspawn"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def trusted_hosteld(private_bus: PrivateBus, tmp_path: Path,
+                    trusted_dir: Path) -> Iterator[DaemonProcess]:
+    """A hosteld whose only trusted .nspawn directory is `trusted_dir`."""
+    from hostel.machine.nspawn_settings import TRUSTED_DIRS_ENV
+    with hosteld_with_env(private_bus, tmp_path, {TRUSTED_DIRS_ENV: str(trusted_dir)}) as daemon:
+        yield daemon
+
+
+def read_pty(argv: list[str], env: dict[str, str], timeout: float = 60,
+             until: bytes | None = None) -> bytes:
+    """What argv writes on a fresh pty of its own, until it exits (or writes `until`);
+    past `timeout` it is killed."""
+    pid, master = pty.fork()
+    if pid == 0:
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not (until and until in output):
+            readable, _, _ = select.select([master], [], [], 1)
+            if not readable:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not data:
+                break
+            output += data
+    finally:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(master)
+    return output
 
 
 @pytest.fixture

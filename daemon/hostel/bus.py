@@ -25,46 +25,15 @@ from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast._private.util import replace_idx_with_fds
+from dbus_fast.send_reply import SendReply
 from dbus_fast.service import ServiceInterface
 
+# The errors live in hostel.errors (importable without dbus_fast); re-exported here.
+from hostel.errors import (  # noqa: F401
+    ACCESS_DENIED, ERROR_PREFIX, INVALID_ARGS, AccessDenied, AlreadyExists, HostelError,
+    InvalidArgs, NoSuchObject, NotImplementedYet, NotSupported)
+
 log = logging.getLogger(__name__)
-
-ERROR_PREFIX = "org.hostel1.Error"
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
-
-
-# Errors ------------------------------------------------------------------------
-
-class HostelError(Exception):
-    """An error a caller can act on; its class decides the D-Bus error name."""
-
-    dbus_name = f"{ERROR_PREFIX}.Failed"
-
-
-class NotImplementedYet(HostelError):
-    dbus_name = f"{ERROR_PREFIX}.NotImplemented"
-
-
-class NoSuchObject(HostelError):
-    dbus_name = f"{ERROR_PREFIX}.NoSuchObject"
-
-
-class AlreadyExists(HostelError):
-    dbus_name = f"{ERROR_PREFIX}.AlreadyExists"
-
-
-class NotSupported(HostelError):
-    dbus_name = f"{ERROR_PREFIX}.NotSupported"
-
-
-class InvalidArgs(HostelError):
-    dbus_name = INVALID_ARGS
-
-
-class AccessDenied(HostelError):
-    dbus_name = ACCESS_DENIED
-
 
 # Object paths ------------------------------------------------------------------
 
@@ -109,12 +78,8 @@ def mutating(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a D-Bus method as changing state: only root may call it.
 
     Apply it below @dbus_method so the mark sits on the function dbus-fast keeps."""
-    fn.__hostel_mutating__ = True
+    setattr(fn, "__hostel_mutating__", True)  # a mark on the function, read back by name
     return fn
-
-
-def not_implemented(issue: str) -> NotImplementedYet:
-    return NotImplementedYet(f"not implemented yet in this version of hosteld (planned: {issue})")
 
 
 @dataclass(frozen=True)
@@ -126,6 +91,23 @@ class Caller:
 
 
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("hostel_caller")
+
+# Whether property values being read may include secrets (a machine's
+# environment and console output, volumes' key files and options). Only while
+# a root caller's Properties.Get/GetAll or GetManagedObjects is served; never
+# for signals (InterfacesAdded carries every property to every listener).
+_secrets_visible: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "hostel_secrets_visible", default=False)
+
+
+def secrets_visible() -> bool:
+    """For property getters: show secrets, or their redacted form."""
+    return _secrets_visible.get()
+
+
+_PROPERTY_READS = frozenset({("org.freedesktop.DBus.Properties", "Get"),
+                             ("org.freedesktop.DBus.Properties", "GetAll"),
+                             ("org.freedesktop.DBus.ObjectManager", "GetManagedObjects")})
 
 
 # Credentials ---------------------------------------------------------------------
@@ -171,15 +153,27 @@ class Dispatcher:
         bus.add_message_handler(self._on_message)
 
     def export(self, path: str, interface: ServiceInterface) -> None:
-        self._bus.export(path, interface)
+        if self._bus.connected:  # else rebind() exports it on the next connection
+            self._bus.export(path, interface)
         self._interfaces.setdefault(path, {})[interface.name] = interface
 
     def unexport(self, path: str, interface: ServiceInterface) -> None:
-        self._bus.unexport(path, interface)
+        if self._bus.connected:
+            self._bus.unexport(path, interface)
         exported = self._interfaces.get(path, {})
         exported.pop(interface.name, None)
         if not exported:
             self._interfaces.pop(path, None)
+
+    def rebind(self, bus: MessageBus) -> None:
+        """Serve on a new connection (the bus restarted): every object exported so far is
+        exported there, and callers' uids are looked up afresh (unique names are per bus)."""
+        self._bus = bus
+        self._credentials = Credentials(bus)
+        bus.add_message_handler(self._on_message)
+        for path, interfaces in self._interfaces.items():
+            for interface in interfaces.values():
+                bus.export(path, interface)
 
     def _find(self, msg: Message) -> tuple[ServiceInterface, Any] | None:
         for name, interface in self._interfaces.get(msg.path or "", {}).items():
@@ -194,6 +188,7 @@ class Dispatcher:
         """Properties.GetAll("") (every interface at once), which sd-bus clients such as
         machinectl send and dbus-fast does not support."""
         values: dict[str, Variant] = {}
+        assert msg.path is not None, "a method call always names its object"
         for interface in self._interfaces[msg.path].values():
             for prop in ServiceInterface._get_properties(interface):
                 if not prop.disabled and prop.access.readable():
@@ -203,9 +198,8 @@ class Dispatcher:
     def _on_message(self, msg: Message) -> bool:
         if msg.message_type != MessageType.METHOD_CALL:
             return False
-        if (msg.interface == "org.freedesktop.DBus.Properties" and msg.member == "GetAll"
-                and msg.body == [""] and msg.path in self._interfaces):
-            self._bus.send(self._all_properties(msg))
+        if (msg.interface, msg.member) in _PROPERTY_READS:
+            self._start(self._read_properties(msg))
             return True
         found = self._find(msg)
         if found is None:
@@ -215,10 +209,36 @@ class Dispatcher:
         # message's unix_fds can grow after the fact. Take this message's own now,
         # while it is the last one read.
         fds = list(msg.unix_fds)
-        task = asyncio.get_running_loop().create_task(self._serve(msg, fds, *found))
+        self._start(self._serve(msg, fds, *found))
+        return True
+
+    def _start(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
+
+    async def _caller_is_root(self, sender: str | None) -> bool:
+        try:
+            return sender is not None and await self._credentials.uid(sender) == 0
+        except AccessDenied:
+            return False
+
+    async def _read_properties(self, msg: Message) -> None:
+        """Property reads, answered by dbus-fast's own handlers (or GetAll("") here) once
+        the caller's uid is known, so that getters can tell whether to show secrets."""
+        visible = await self._caller_is_root(msg.sender)
+        token = _secrets_visible.set(visible)
+        try:
+            if msg.member == "GetAll" and msg.body == [""] and msg.path in self._interfaces:
+                self._bus.send(self._all_properties(msg))
+                return
+            handler = (self._bus._default_get_managed_objects_handler
+                       if msg.member == "GetManagedObjects"
+                       else self._bus._default_properties_handler)
+            with SendReply(self._bus, msg) as send_reply:
+                handler(msg, send_reply)
+        finally:
+            _secrets_visible.reset(token)
 
     async def _authorize(self, msg: Message, method: Any) -> None:
         if not getattr(method.fn, "__hostel_mutating__", False):
@@ -279,30 +299,36 @@ class _PatientWriter(_MessageWriter):
         try:
             self._try_write(remove_writer)
         except (BlockingIOError, InterruptedError):
-            self.loop.add_writer(self.fd, self.write_callback)
+            self.loop.add_writer(self._fd(), self.write_callback)
         except Exception as e:  # same contract as the library: fail the pending send
             if self.fut is not None and not self.fut.done():
                 self.fut.set_exception(e)
             self.bus._finalize(e)
 
+    def _fd(self) -> int:
+        assert self.fd is not None, "dbus-fast makes its writer once the socket is connected"
+        return self.fd
+
     def _try_write(self, remove_writer: bool) -> None:
+        sock = self.sock
+        assert sock is not None, "dbus-fast makes its writer once the socket is connected"
         while True:
             if self.buf is None:
                 if not self.messages:
                     if remove_writer:
-                        self.loop.remove_writer(self.fd)
+                        self.loop.remove_writer(self._fd())
                     return
                 buf, self.unix_fds, self.fut = self.messages.popleft()
                 self.buf = memoryview(buf)
                 self.offset = 0
             if self.unix_fds and self.negotiate_unix_fd:
                 ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", self.unix_fds))]
-                self.offset += self.sock.sendmsg([self.buf[self.offset:]], ancdata)
+                self.offset += sock.sendmsg([self.buf[self.offset:]], ancdata)
                 self.unix_fds = None
             else:
-                self.offset += self.sock.send(self.buf[self.offset:])
+                self.offset += sock.send(self.buf[self.offset:])
             if self.offset < len(self.buf):
-                self.loop.add_writer(self.fd, self.write_callback)
+                self.loop.add_writer(self._fd(), self.write_callback)
                 return
             self.buf = None
             if self.fut is not None and not self.fut.done():

@@ -575,11 +575,12 @@ class MatchRule:
     name it was asked for by, so rules given to `Connection.filter` usually
     leave out `sender`."""
 
-    __slots__ = ("type", "sender", "interface", "member", "path", "path_namespace")
+    __slots__ = ("type", "sender", "interface", "member", "path", "path_namespace", "arg0")
 
     def __init__(self, *, type: str | None = None, sender: str | None = None,
                  interface: str | None = None, member: str | None = None,
-                 path: str | None = None, path_namespace: str | None = None) -> None:
+                 path: str | None = None, path_namespace: str | None = None,
+                 arg0: str | None = None) -> None:
         if type is not None and type not in _TYPE_NAMES:
             raise ValueError(f"match rule type must be one of {', '.join(_TYPE_NAMES)}, "
                              f"not {type!r}")
@@ -591,6 +592,7 @@ class MatchRule:
         self.member = member
         self.path = path
         self.path_namespace = path_namespace
+        self.arg0 = arg0   # the first argument, a string (NameOwnerChanged's name)
 
     def __str__(self) -> str:
         return ",".join(f"{key}={_quote(getattr(self, key))}" for key in self.__slots__
@@ -606,6 +608,8 @@ class MatchRule:
             expected = getattr(self, key)
             if expected is not None and getattr(message, key) != expected:
                 return False
+        if self.arg0 is not None and (not message.body or message.body[0] != self.arg0):
+            return False
         return self.path_namespace is None or _in_namespace(message.path, self.path_namespace)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import posixpath
 import struct
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from hostel import native
 from hostel._native import ffi, lib
@@ -19,10 +20,35 @@ from hostel._native import ffi, lib
 _FAILURE = struct.Struct("=ii")
 _NEEDS_OWN_MEMORY = frozenset({lib.HOSTEL_OP_WAIT_FD, lib.HOSTEL_OP_STUB_INIT})
 _SHARES_MEMORY = bool(lib.hostel_spawn_shares_memory())
+# Steps the trampoline can run on a path inside a tree (spawn.h, hostel_op.root).
+_BENEATH_KINDS = frozenset({
+    lib.HOSTEL_OP_MOUNT, lib.HOSTEL_OP_UMOUNT, lib.HOSTEL_OP_MKDIR, lib.HOSTEL_OP_MKNOD,
+    lib.HOSTEL_OP_SYMLINK, lib.HOSTEL_OP_WRITE_FILE, lib.HOSTEL_OP_CHOWN, lib.HOSTEL_OP_UNLINK,
+    lib.HOSTEL_OP_MOVE_MOUNT, lib.HOSTEL_OP_CHDIR})
+_ENTERS_ROOT = frozenset({lib.HOSTEL_OP_PIVOT_ROOT, lib.HOSTEL_OP_CHROOT})
+
+
+STUB_INIT_NAME = "(sd-stubinit)"
+
+
+def _rlim(value: int) -> int:
+    """Python's RLIM_INFINITY (-1) as the kernel's rlim_t: all bits set."""
+    return value & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _command_line_span() -> tuple[int, int]:
+    """Where this process's argv strings lie in its memory (arg_start, arg_end: the
+    48th and 49th fields of /proc/self/stat, after the parenthesised comm)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # fields[0] is the 3rd field (state): arg_start is the 48th.
+    return int(fields[45]), int(fields[46])
 
 
 class StepFailed(OSError):
     """A plan step failed inside the child; names the step and its errno."""
+
+    strerror: str  # always set: __init__ passes the message
 
     def __init__(self, index: int, err: int, description: str) -> None:
         self.index = index
@@ -50,6 +76,7 @@ class Step:
     argv: Sequence[str] | None = None
     envp: Sequence[str] | None = None
     flags: int = 0
+    root: str | None = None  # set: `path` is relative to this tree and resolved inside it
 
 
 @dataclass
@@ -58,9 +85,47 @@ class Plan:
 
     steps: list[Step] = field(default_factory=list)
     fds: set[int] = field(default_factory=set)
+    tree: str | None = None  # see confine()
+
+    def confine(self, root: str) -> None:
+        """From here until the child enters its root, paths below `root` belong to the tree.
+
+        The tree is the guest's: a symlinked /etc or a "../.." inside it must
+        not make a step write resolv.conf or create a mount point on the
+        host. Steps on such paths are resolved by the trampoline inside the
+        tree (openat2 RESOLVE_IN_ROOT), whatever is mounted on `root` when
+        the step runs; `root` itself is the host's name for the tree and is
+        trusted. Entering the root (chroot, pivot_root) ends this: from then
+        on the child's "/" is the tree."""
+        root = posixpath.normpath(root)
+        self.tree = None if root == "/" else root
 
     def add(self, step: Step) -> None:
+        if self.tree is not None:
+            self._confine(step)
+        if step.kind in _ENTERS_ROOT:
+            self.tree = None
         self.steps.append(step)
+
+    def _inside(self, path: str | None) -> str | None:
+        """`path` relative to the tree, if it is below it."""
+        assert self.tree is not None
+        if path is None or not path.startswith(self.tree + "/"):
+            return None
+        return posixpath.normpath(path[len(self.tree) + 1:])
+
+    def _confine(self, step: Step) -> None:
+        if step.kind not in _BENEATH_KINDS:
+            return
+        inside = self._inside(step.path)
+        if inside is not None:
+            step.root, step.path = self.tree, inside
+            step.flags |= lib.HOSTEL_OPF_PATH_BENEATH
+        if step.kind == lib.HOSTEL_OP_MOUNT and step.num & (native.MS_BIND | native.MS_MOVE):
+            source = self._inside(step.arg)
+            if source is not None:
+                step.root, step.arg = self.tree, source
+                step.flags |= lib.HOSTEL_OPF_SOURCE_BENEATH
 
     @property
     def may_share_memory(self) -> bool:
@@ -224,8 +289,17 @@ class Plan:
         self.add(Step(lib.HOSTEL_OP_UNSHARE, f"unshare {flags:#x}", num=flags))
 
     def stub_init(self) -> None:
-        """From here on, run as PID 2 under a minimal reaping PID 1."""
-        self.add(Step(lib.HOSTEL_OP_STUB_INIT, "start stub init"))
+        """From here on, run as PID 2 under a minimal reaping PID 1, named as
+        systemd-nspawn names its own: the child's copy of our command line (where the
+        kernel reads /proc/PID/cmdline from) becomes STUB_INIT_NAME."""
+        start, end = _command_line_span()
+        self.add(Step(lib.HOSTEL_OP_STUB_INIT, "start stub init", arg=STUB_INIT_NAME,
+                      num=start, num2=end))
+
+    def setrlimit(self, resource: int, soft: int, hard: int) -> None:
+        """A resource limit (RLIM_INFINITY as -1), as close as the child may set it."""
+        self.add(Step(lib.HOSTEL_OP_SETRLIMIT, f"set resource limit {resource} to {soft}:{hard}",
+                      num=resource, num2=_rlim(soft), num3=_rlim(hard)))
 
     def execve(self, path: str, argv: Sequence[str], envp: Sequence[str], *,
                try_next: bool = False) -> None:
@@ -257,7 +331,7 @@ class _CPlan:
         self._keep.append(vec)
         return vec
 
-    def _fill(self, op: object, step: Step) -> None:
+    def _fill(self, op: Any, step: Step) -> None:  # op: a cffi struct hostel_op *
         op.kind = step.kind
         op.flags = step.flags
         op.path = self._cstr(step.path)
@@ -272,6 +346,7 @@ class _CPlan:
             op.len = len(step.data) if step.count is None else step.count
         op.argv = self._cvec(step.argv)
         op.envp = self._cvec(step.envp)
+        op.root = self._cstr(step.root)
 
 
 @dataclass
@@ -365,11 +440,17 @@ def spawn(plan: Plan, clone_flags: int = 0, cgroup_fd: int = -1) -> Child:
     return Child(pid, pidfd[0], plan, report_r)
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    """A reader callback: resolve `future`, once (the callback may run again before removal)."""
+    if not future.done():
+        future.set_result(None)
+
+
 async def wait_readable(fd: int) -> None:
     """Until `fd` is readable: for a pidfd of a process that is not our child, its end."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(fd, _wake, ready)
     try:
         await ready
     finally:
@@ -384,7 +465,7 @@ async def wait_exit(pidfd: int) -> native.ExitInfo:
         if info is not None:
             return info
         ready = loop.create_future()
-        loop.add_reader(pidfd, lambda: ready.done() or ready.set_result(None))
+        loop.add_reader(pidfd, _wake, ready)
         try:
             await ready
         finally:

@@ -1,25 +1,19 @@
-"""Debian's stock kernel for the bzImage tests: /boot/vmlinuz-* when installed,
-else the linux-image package in apt's cache, unpacked into `out`."""
+"""Debian's stock kernels, as `make kernels` (part of `make setup`) leaves them.
+
+scripts/fetch-kernels downloads linux-image-cloud-amd64 and linux-image-amd64
+and unpacks them into CACHE/FLAVOUR/{vmlinuz,config,version,modules/}; nothing
+is installed into /boot, so the tests see the same kernel on every machine."""
 from __future__ import annotations
 
-import glob
-import subprocess
+import os
 from pathlib import Path
 
-HOW_TO_GET_ONE = ("no Debian kernel here: install linux-image-amd64 (or leave its .deb in "
-                  "/var/cache/apt/archives) to test with a stock bzImage")
+CACHE = Path(os.environ.get("HOSTEL_KERNEL_CACHE", "/var/cache/hostel/kernels"))
+HOW_TO_GET_ONE = f"no Debian kernel in {CACHE}: run `make kernels` (part of `make setup`)"
 
 
-def debian_kernel(out: Path) -> Path | None:
-    installed = sorted(glob.glob("/boot/vmlinuz-*"))
-    if installed:
-        return Path(installed[-1])
-    debs = sorted(glob.glob("/var/cache/apt/archives/linux-image-[0-9]*-amd64_*.deb"))
-    if not debs:
-        return None
-    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", debs[-1]], stdout=subprocess.PIPE)
-    subprocess.run(["tar", "-x", "-C", str(out), "--wildcards", "./boot/vmlinuz-*"],
-                   stdin=tar.stdout, check=True)
-    if tar.wait() != 0:
-        raise RuntimeError(f"dpkg-deb could not read {debs[-1]}")
-    return next(out.glob("boot/vmlinuz-*"))
+def debian_kernel(flavour: str = "cloud-amd64") -> Path | None:
+    """The cached bzImage of `flavour` ("cloud-amd64" for guests, "amd64" for the
+    generic one), or None when the cache lacks it."""
+    vmlinuz = CACHE / flavour / "vmlinuz"
+    return vmlinuz if vmlinuz.is_file() else None

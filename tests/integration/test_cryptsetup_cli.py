@@ -24,8 +24,10 @@ def test_list_shows_volumes_states_and_warnings(private_bus: PrivateBus, cryptd:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["VOLUME", "STATE", "DEVICE"]
-    assert lines[1].split() == ["one", "inactive", str(images.luks1)]
-    assert lines[4].split() == ["gone", "missing-device", f"UUID={ABSENT_UUID}"]
+    rows = {line.split()[0]: line.split() for line in lines[1:-2]}  # sorted by name
+    assert [line.split()[0] for line in lines[1:-2]] == sorted(rows)
+    assert rows["one"] == ["one", "inactive", str(images.luks1)]
+    assert rows["gone"] == ["gone", "missing-device", f"UUID={ABSENT_UUID}"]
     assert lines[-1] == "4 volumes listed."
     assert f"warning: {images.crypttab}:7: volume name 'a/b' contains '/'" in out.stderr
 
@@ -50,7 +52,7 @@ def test_status_shows_the_header_facts(private_bus: PrivateBus, cryptd: DaemonPr
 
 
 @pytest.mark.parametrize("passphrase, status, verdict", [
-    (PASSPHRASE, 0, "opens"), ("wrong", 1, "does not open")])
+    (PASSPHRASE, 0, "opens"), ("wrong", 2, "does not open")])
 def test_check_key_reads_a_passphrase_from_a_pipe(private_bus: PrivateBus, cryptd: DaemonProcess,
                                                   passphrase: str, status: int, verdict: str) -> None:
     out = hostelctl(private_bus.address, "cryptsetup", "check-key", "one", input=passphrase + "\n")
@@ -66,7 +68,28 @@ def test_check_key_with_a_key_file(private_bus: PrivateBus, cryptd: DaemonProces
     assert empty.returncode == 1 and "no passphrase for one on standard input" in empty.stderr
 
 
-def run_on_terminal(address: str, args: list[str], typed: str, timeout: float = 30) -> str:
+def test_check_key_uses_the_crypttab_key_file(private_bus: PrivateBus, cryptd: DaemonProcess,
+                                              images: Volumes) -> None:
+    # "two" names a key file in crypttab: nothing is read from stdin, so a wrong
+    # passphrase there must not matter.
+    out = hostelctl(private_bus.address, "cryptsetup", "check-key", "two", input="wrong\n")
+    assert (out.returncode, out.stdout.strip()) == (0, "two: the key opens the volume"), out.stderr
+    wrong = images.key_file.with_name("wrong.key")
+    wrong.write_bytes(b"not the key")
+    bad = hostelctl(private_bus.address, "cryptsetup", "check-key", "two", "--key-file", str(wrong))
+    assert (bad.returncode, bad.stdout.strip()) == (2, "two: the key does not open the volume")
+
+
+def test_check_key_checks_the_name_before_asking(private_bus: PrivateBus,
+                                                 cryptd: DaemonProcess) -> None:
+    screen = run_on_terminal(private_bus.address, ["cryptsetup", "check-key", "nope"], "x",
+                             expect_prompt=False)
+    assert "Passphrase for" not in screen
+    assert "no volume named 'nope'" in screen and screen.endswith("[exit 4]")
+
+
+def run_on_terminal(address: str, args: list[str], typed: str, timeout: float = 30,
+                    expect_prompt: bool = True) -> str:
     """Run hostelctl with a pseudo-terminal as its controlling terminal; type once prompted."""
     exe = shutil.which("hostelctl", path=str(Path(sys.executable).parent))
     pid, fd = pty.fork()
@@ -90,7 +113,7 @@ def run_on_terminal(address: str, args: list[str], typed: str, timeout: float = 
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
-    assert typed_yet, seen
+    assert typed_yet == expect_prompt, seen
     return seen.decode(errors="replace") + f"\n[exit {os.waitstatus_to_exitcode(status)}]"
 
 

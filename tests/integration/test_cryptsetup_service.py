@@ -322,10 +322,12 @@ async def test_reload_follows_a_changed_crypttab(client: MessageBus, images: Vol
     (added,) = signals.of("InterfacesAdded")
     assert added.body[0] == f"{MANAGER}/three"
     assert added.body[1][VOLUME_IFACE]["LuksUUID"].value == UUID2
-    changes = [(m.path, m.body[0], {k: v.value for k, v in m.body[1].items()})
+    # Options and warnings (which quote crypttab) are root's: a signal, which every
+    # listener gets, only says they changed; a root client reads them again.
+    changes = [(m.path, m.body[0], {k: v.value for k, v in m.body[1].items()}, m.body[2])
                for m in signals.of("PropertiesChanged")]
-    assert (f"{MANAGER}/one", VOLUME_IFACE, {"Options": ["luks", "readonly"]}) in changes
-    assert (MANAGER, MANAGER_IFACE, {"Warnings": []}) in changes
+    assert (f"{MANAGER}/one", VOLUME_IFACE, {}, ["Options"]) in changes
+    assert (MANAGER, MANAGER_IFACE, {}, ["Warnings"]) in changes
     assert not [c for c in changes if c[0] == f"{MANAGER}/two"]
     assert (await get_all(client, f"{MANAGER}/one"))["Options"] == ["luks", "readonly"]
 
@@ -388,3 +390,34 @@ async def test_a_uuid_source_resolves_to_its_loop_device(private_bus: PrivateBus
     finally:
         bus.disconnect()
         assert daemon.stop() == 0, daemon.log()
+
+
+async def test_reload_refuses_what_would_block_or_cannot_be_shown(client: MessageBus,
+                                                                  images: Volumes) -> None:
+    """A FIFO source hung Reload with the manager's lock held (and every later call);
+    a non-UTF-8 name was an Internal error. Both are now skipped or refused, by name."""
+    fifo = images.dir / "source.fifo"
+    os.mkfifo(fifo)
+    key_fifo = images.dir / "key.fifo"
+    os.mkfifo(key_fifo)
+    images.crypttab.write_bytes(
+        f"piped {fifo} none luks\n".encode()
+        + b"bad\xff\xfename " + str(images.luks1).encode() + b" none luks\n"
+        + f"keyed {images.luks2} {key_fifo} luks\n".encode())
+    await asyncio.wait_for(ok(client, "Reload"), 10)
+    (listed,) = await asyncio.wait_for(ok(client, "ListVolumes"), 10)
+    assert sorted(row[0] for row in listed) == ["keyed", "piped"]
+    piped = await get_all(client, f"{MANAGER}/piped")
+    assert "is a FIFO, not a block device or regular file" in piped["HeaderError"]
+    name, text = await asyncio.wait_for(error(client, "CheckKey", "sa{sv}", ["piped", {
+        "Passphrase": Variant("s", PASSPHRASE)}]), 10)
+    assert name != "org.hostel1.Error.Internal" and "FIFO" in text, (name, text)
+    name, text = await asyncio.wait_for(error(client, "CheckKey", "sa{sv}", ["keyed", {}]), 10)
+    assert name == "org.freedesktop.DBus.Error.InvalidArgs" and "is a FIFO" in text
+    (warnings,) = await ok(client, "Get", "ss", [MANAGER_IFACE, "Warnings"], path=MANAGER,
+                           interface="org.freedesktop.DBus.Properties")
+    assert any("bad\\xff\\xfename is not valid UTF-8" in w for w in warnings.value)
+    images.crypttab.unlink()
+    os.mkfifo(images.crypttab)
+    name, text = await asyncio.wait_for(error(client, "Reload"), 10)
+    assert name == "org.hostel1.Error.CrypttabUnreadable", (name, text)

@@ -63,12 +63,13 @@ def test_version_property(hosteld: DaemonProcess) -> None:
     assert out.strip() == f's "{__version__}"'
 
 
-def test_unimplemented_methods_say_so_and_never_pretend(hosteld: DaemonProcess) -> None:
+def test_a_vm_run_of_a_missing_image_names_it_and_what_to_do(hosteld: DaemonProcess) -> None:
     result = busctl(hosteld.bus, "call", "org.hostel1", "/org/hostel1/guest",
                     "org.hostel1.GuestManager", "StartGuest", "sa{sv}", "vm", "2",
                     "Image", "s", "busybox", "Isolation", "s", "vm", check=False)
     assert result.returncode != 0
-    assert "not implemented" in result.stderr
+    assert "no image named 'busybox'" in result.stderr
+    assert "'hostelctl image list' shows the imported images" in result.stderr
 
 
 def test_missing_objects_are_clear_errors(hosteld: DaemonProcess) -> None:

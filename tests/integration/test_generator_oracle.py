@@ -1,14 +1,14 @@
 """hostel-cryptsetup-generator against systemd's own generator, the oracle.
 
-Every case directory (the shared ones and ours) must produce the same tree and
-the same success or failure; hypothesis then generates plausible crypttabs and
-command lines and compares again.  Generated units must also pass
-`systemd-analyze verify`.
+Every case in tests/cryptsetup-cases must produce the same tree and the same
+success or failure; hypothesis then generates plausible crypttabs and command
+lines and compares again.  Generated units must also pass
+`systemd-analyze verify`.  The oracle comes with Debian's `systemd` package,
+which `make setup` installs: its absence is a failure, not a skip.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,54 +19,35 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-REPO = Path(__file__).resolve().parents[2]
-ORACLE = Path("/lib/systemd/system-generators/systemd-cryptsetup-generator")
-HARNESS = Path("/work/shared/tools/generator_diff.py")
-SHARED_CASES = Path("/work/shared/cryptsetup-cases")
-OWN_CASES = REPO / "tests" / "cryptsetup-cases"
+from generator_compare import CASES, compare
 
-pytestmark = pytest.mark.skipif(not ORACLE.exists() or not HARNESS.exists(),
-                                reason="needs systemd's generator and the shared diff harness")
+ORACLE = Path("/usr/lib/systemd/system-generators/systemd-cryptsetup-generator")
 
 
-def _harness():
-    spec = importlib.util.spec_from_file_location("generator_diff", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module", autouse=True)
+def oracle_present() -> None:
+    assert ORACLE.is_file(), f"{ORACLE} is missing: run `make setup` (Debian's systemd package ships it)"
 
 
 @pytest.fixture(scope="module")
-def candidate(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An executable for the harness: the installed console script, else the module."""
-    installed = shutil.which("hostel-cryptsetup-generator")
-    if installed:
-        return installed
-    wrapper = tmp_path_factory.mktemp("candidate") / "hostel-cryptsetup-generator"
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO / 'daemon'} exec {sys.executable} "
-                       "-m hostel.cryptsetup.generator \"$@\"\n")
-    wrapper.chmod(0o755)
-    return str(wrapper)
+def candidate() -> str:
+    """The checkout's generator (the venv's console script), never one installed on PATH."""
+    script = Path(sys.executable).parent / "hostel-cryptsetup-generator"
+    assert script.is_file(), f"{script} is missing: run `make setup`"
+    return str(script)
 
 
-def _case_names(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+def _compare(candidate: str, case: Path, work: Path) -> None:
+    diff = compare(str(ORACLE), candidate, case, work / "w")
+    assert not diff, "".join(diff)
 
 
-def _compare(harness, candidate: str, case: Path, work: Path) -> None:
-    # One work directory for both, as in the harness: paths end up in the output.
-    expected, rc_expected = harness.run(str(ORACLE), case, work / "w")
-    got, rc_got = harness.run(candidate, case, work / "w")
-    assert (rc_expected == 0) == (rc_got == 0), f"exit {rc_expected} vs {rc_got}"
-    assert got == expected
-
-
-@pytest.mark.parametrize("case", [SHARED_CASES / n for n in _case_names(SHARED_CASES)]
-                         + [OWN_CASES / n for n in _case_names(OWN_CASES)], ids=lambda p: p.name)
+@pytest.mark.parametrize("case", sorted(p for p in CASES.iterdir() if p.is_dir()),
+                         ids=lambda p: p.name)
 def test_case_matches_oracle(case: Path, candidate: str, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # a relative RUNTIME_DIRECTORY must land here
-    _compare(_harness(), candidate, case, tmp_path)
+    _compare(candidate, case, tmp_path)
 
 
 # --- differential testing with generated inputs ---------------------------------------
@@ -130,7 +111,7 @@ def test_generated_inputs_match_oracle(lines: list[str], line: str, initrd: bool
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        _compare(_harness(), candidate, case, work)
+        _compare(candidate, case, work)
     finally:
         os.chdir(cwd)
         shutil.rmtree(work)
@@ -179,7 +160,7 @@ requires_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, r
 @pytest.mark.parametrize("name", VERIFY_CASES)
 def test_units_pass_systemd_analyze_verify(name: str, candidate: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _generate(candidate, SHARED_CASES / name, out)
+    _generate(candidate, CASES / name, out)
     units = _units(out)
     assert units
     result = verify(units, out)
@@ -190,7 +171,7 @@ def test_units_pass_systemd_analyze_verify(name: str, candidate: str, tmp_path: 
 def test_verify_catches_a_broken_unit(candidate: str, tmp_path: Path) -> None:
     """The check above is only worth something if a broken unit makes it fail."""
     out = tmp_path / "out"
-    _generate(candidate, SHARED_CASES / "12-keydev", out)
+    _generate(candidate, CASES / "12-keydev", out)
     service = next(p for p in _units(out) if p.name.startswith("systemd-cryptsetup@"))
     service.write_text(service.read_text().replace("ExecStart=/lib/systemd/systemd-cryptsetup",
                                                    "ExecStart=relative/systemd-cryptsetup"))

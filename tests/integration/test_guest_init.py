@@ -29,7 +29,7 @@ HOST_LINK, GUEST_LINK = "hgi-host0", "hgi-guest0"
 SCRIPT = """
 echo "out:$GREETING"
 echo "host:$(hostname)"
-echo "marker:$HOSTEL_GUEST cwd:$(pwd)"
+echo "home:$HOME cwd:$(pwd)"
 echo "ctty:$(cut -d' ' -f7 /proc/self/stat)"
 ip -4 addr show {link}; ip -6 addr show {link}; ip route; ip -6 route
 cat /etc/resolv.conf
@@ -147,7 +147,7 @@ def test_guest_init_runs_the_image_as_pid1(busybox_image, veth: IPRoute, tmp_pat
     assert not [f for f in frames if f["type"] == "log"], frames
     assert not info.exited and info.status == 2, f"init {info.describe()}, not powered off (SIGINT)"
     assert "out:hello guest" in output and "host:guest-one" in output, output
-    assert "marker:1 cwd:/" in output
+    assert "home:/root cwd:/" in output
     assert "ctty:" in output and "ctty:0\n" not in output, "the console is not the controlling tty"
     assert "inet 10.77.0.2/24" in output and "inet6 fd77::2/64" in output, output
     assert "default via 10.77.0.1 dev " + GUEST_LINK in output

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 from dbus_fast import Variant
 
-from hostel.bus import InvalidArgs, NoSuchObject, NotImplementedYet
+from hostel.bus import InvalidArgs, NoSuchObject
 from hostel.guest.images_service import ROOT_HOOK, WORKDIR_HOOK, ImageService
 from hostel.machine.registry import Event, Registry
 from hostel.machine.runner import MachineRunner
@@ -20,7 +20,8 @@ from hostel.machine.settings import MachineSettings
 from hostel.privatebus import DaemonProcess
 
 from conftest import hostelctl
-from unit.test_guest_images import busybox_layer, docker_archive, image_config, mounted_squashfs
+from unit.test_guest_images import (Layer, busybox_layer, docker_archive, image_config,
+                                     mounted_squashfs)
 
 FIELDS = {f.name for f in dataclasses.fields(MachineSettings)}
 needs_root_hook = pytest.mark.skipif(
@@ -95,11 +96,15 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 async def test_output_status_environment_and_writes(harness: Harness, tmp_path: Path) -> None:
     await harness.service.import_image(str(_image_archive(tmp_path / "a.tar")), "bb")
     status, out = await harness.run("bb", ["sh", "-c", 'echo "out:$MINE $FROM_IMAGE '
-                                           '$HOSTEL_GUEST $TERM $(hostname) $(id -u)"; '
+                                           '$(hostname) $(id -u)"; env | sort; '
                                            'echo x > /written; cat /written; exit 6'],
                                     Environment=Variant("as", ["MINE=mine"]),
                                     Hostname=Variant("s", "boxed"))
-    assert status == 6 and "out:mine yes 1 vt100 boxed 0\nx\n" in out, out
+    # exactly launchconfig's environment: nothing of the machine runtime's own
+    env = ["FROM_IMAGE=yes", "HOME=/root", "HOSTNAME=boxed", "MINE=mine",
+           "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "PWD=/", "SHLVL=1"]
+    assert status == 6 and out == "out:mine yes boxed 0\n" + "".join(
+        f"{line}\n" for line in env) + "x\n", out
     status, out = await harness.run("bb", ["sh", "-c", "test -e /written || echo fresh"])
     assert status == 0 and out == "fresh\n"   # the last run's write died with its tmpfs
     with mounted_squashfs(harness.service.store.get("bb").squashfs, tmp_path / "m") as root:
@@ -128,7 +133,7 @@ async def test_working_directory_from_the_image(harness: Harness, tmp_path: Path
 
 async def test_refusals(harness: Harness, tmp_path: Path) -> None:
     await harness.service.import_image(str(_image_archive(tmp_path / "a.tar")), "bb")
-    with pytest.raises(NotImplementedYet, match="isolation 'vm'"):
+    with pytest.raises(InvalidArgs, match="isolation 'vm' is not a container's"):
         await harness.service.run_container("", {"Image": Variant("s", "bb"),
                                                  "Isolation": Variant("s", "vm")})
     with pytest.raises(InvalidArgs, match="unknown setting 'Directory'"):
@@ -152,10 +157,25 @@ def test_hostelctl_guest_run(hosteld: DaemonProcess, tmp_path: Path) -> None:
     assert imported.returncode == 0, imported.stderr
     result = hostelctl(hosteld.address, "guest", "run", "--image", "bb", "--env", "K=V",
                        "--hostname", "ctl-guest", "--", "sh", "-c",
-                       'echo "$K $HOSTEL_GUEST $(hostname) $(pwd)"; exit 3')
+                       'echo "$K $HOSTNAME $(hostname) $(pwd)"; exit 3')
     if "not implemented" in result.stderr:
         pytest.skip(f"StartGuest with an Image is not wired yet: {result.stderr.strip()}")
-    assert (result.returncode, result.stdout) == (3, "V 1 ctl-guest /\n"), result.stderr
+    assert (result.returncode, result.stdout) == (3, "V ctl-guest ctl-guest /\n"), result.stderr
     assert "Running image bb in a container." in result.stderr
     assert _loops_backed_by(hosteld.state_dir) == []
     assert _mounts_under(hosteld.runtime_dir) == []
+
+
+def test_a_missing_or_unexecutable_command_is_127_or_126(hosteld: DaemonProcess,
+                                                          tmp_path: Path) -> None:
+    """What the static init prints and exits with in a VM (test_guest_run_relay.py)."""
+    layers = [busybox_layer(("sh",)).tar(), Layer().file("not-exec", b"#!/bin/sh\n", 0o644).tar()]
+    archive = docker_archive(tmp_path / "a.tar", layers, image_config(layers, Env=["PATH=/bin"]))
+    assert hostelctl(hosteld.address, "image", "import", str(archive), "--name", "bad").returncode == 0
+    for command, code, message in ((["nope", "arg"], 127, "nope: No such file or directory"),
+                                   (["/nope"], 127, "/nope: No such file or directory"),
+                                   (["/not-exec"], 126, "/not-exec: Permission denied")):
+        result = hostelctl(hosteld.address, "guest", "run", "--quiet", "--image", "bad", "--",
+                           *command)
+        assert (result.returncode, result.stdout, result.stderr) == \
+            (code, "", f"hostel: cannot run {message}\n"), command

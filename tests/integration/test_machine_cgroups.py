@@ -15,7 +15,7 @@ import pytest
 
 from hostel import native
 from hostel.bus import AlreadyExists, InvalidArgs, NoSuchObject
-from hostel.machine import cgroups
+from hostel.machine import bpf_devices, cgroups
 from hostel.machine.cgroups import CgroupLayout, CgroupSet
 from hostel.spawn import Child, Plan, StepFailed, spawn
 
@@ -149,12 +149,12 @@ def test_scope_is_made_in_every_hierarchy_and_holds_the_child(
         assert os.path.isdir(path)
     child = start_in(cg, "sleep 1000 & sleep 1000")
     wait_for(lambda: len(cg.procs()) == 3)  # sh and its two sleeps
-    for path in cg.paths:
+    for path in cg.payload_paths:
         assert child.pid in {int(p) for p in Path(path, "cgroup.procs").read_text().split()}
     membership = Path(f"/proc/{child.pid}/cgroup").read_text().splitlines()
     for hierarchy in layout.hierarchies:
         line = next(line for line in membership if hierarchy.names(line.split(":", 2)[1]))
-        assert line.split(":", 2)[2] == os.path.join(hierarchy.base, cg.slice, cg.unit)
+        assert line.split(":", 2)[2] == os.path.join(hierarchy.base, cg.slice, cg.unit, "payload")
     assert cgroups.machine_of_pid(child.pid, layout) == "web-1"
     for pid in cg.procs():
         assert cgroups.machine_of_pid(pid, layout) == "web-1"
@@ -206,7 +206,7 @@ def test_child_is_born_in_the_v2_scope_and_joins_v1_itself(
         native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
         native.pidfd_wait(child.pidfd, block=True)
         child.close()
-    scope = [os.path.join(h.base, cg.slice, cg.unit) for h in layout.hierarchies]
+    scope = [os.path.join(h.base, cg.slice, cg.unit, "payload") for h in layout.hierarchies]
     assert after == scope
     for hierarchy, was, own, target in zip(layout.hierarchies, before, ours, scope):
         assert was == (target if hierarchy.version == 2 else own), hierarchy
@@ -222,7 +222,7 @@ def test_a_scope_removed_under_a_start_is_a_step_failure(
     plan = Plan()
     join.plan_steps(plan)
     plan.execve("/bin/true", ["true"], [])
-    for path in cg.paths:
+    for path in cg.payload_paths:
         if not os.path.exists(os.path.join(path, "cgroup.controllers")):
             os.rmdir(path)
     try:
@@ -230,7 +230,7 @@ def test_a_scope_removed_under_a_start_is_a_step_failure(
     finally:
         join.close()
     try:
-        with pytest.raises(StepFailed, match=r"step 0 \(join cgroup .*machine-.*\.scope\)"):
+        with pytest.raises(StepFailed, match=r"step 0 \(join cgroup .*machine-.*\.scope/payload\)"):
             child.wait_started()
     finally:
         native.pidfd_wait(child.pidfd, block=True)
@@ -395,3 +395,88 @@ def test_concurrent_starts_and_exits_in_one_slice_do_not_race() -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+# Device policy and the cgroup namespace ----------------------------------------------
+
+def _v2_scope(cg: CgroupSet) -> str:
+    path = next((p for p in cg.paths if os.path.exists(os.path.join(p, "cgroup.controllers"))), None)
+    if path is None:
+        pytest.skip("no cgroup2 hierarchy here")
+    return path
+
+
+def _output_of(start_in: Callable[..., Child], cg: CgroupSet, script: str) -> list[str]:
+    out_r, out_w = os.pipe()
+    child = start_in(cg, script, stdout=out_w)
+    os.close(out_w)
+    with os.fdopen(out_r) as out:
+        lines = out.read().split("\n")
+    native.pidfd_wait(child.pidfd, block=True)
+    return lines
+
+
+def test_the_v2_scope_holds_an_exclusive_device_program(make_set: Callable[..., CgroupSet]) -> None:
+    """Attached without ALLOW_OVERRIDE/MULTI: the kernel refuses any program below it,
+    so the payload (the container's own cgroup) cannot loosen the rules."""
+    cg = make_set()
+    scope = _v2_scope(cg)
+    flags, programs = bpf_devices.attached_programs(scope)
+    assert flags == 0 and len(programs) == 1
+    with pytest.raises(bpf_devices.BpfError, match="Operation not permitted"):
+        bpf_devices.attach(os.path.join(scope, "payload"), [bpf_devices.DeviceRule.parse("c *:* rwm")])
+    cg.allow_devices(["/dev/kmsg"])  # replaces the program: still one, still exclusive
+    flags, replaced = bpf_devices.attached_programs(scope)
+    assert flags == 0 and len(replaced) == 1 and replaced != programs
+
+
+def test_the_device_program_alone_enforces_the_allow_list(
+        start_in: Callable[..., Child], layout: CgroupLayout) -> None:
+    """A bare v2 cgroup with only the program (no v1 devices rules): what a v2-only host has."""
+    v2 = next((h for h in layout.hierarchies if h.version == 2), None)
+    if v2 is None:
+        pytest.skip("no cgroup2 hierarchy here")
+    path = v2.path(unique("hostel-bpf-"))
+    os.mkdir(path)
+    try:
+        bpf_devices.attach(path, [bpf_devices.DeviceRule.parse(r) for r in cgroups.device_rules()])
+        bare = CgroupSet("bare", "bare.scope", "-.slice", (path,))
+        os.mkdir(bare.payload_paths[0])
+        lines = _output_of(start_in, bare,
+                           "head -c 1 /dev/zero | od -An -tx1; "
+                           "(: </dev/kmsg) 2>/dev/null && echo kmsg-opened || echo kmsg-denied; "
+                           "mknod /tmp/hostel-bpf-$$ b 7 0 2>/dev/null && echo mknod-ok || echo mknod-denied; "
+                           "rm -f /tmp/hostel-bpf-$$")
+    finally:
+        for directory in (os.path.join(path, "payload"), path):
+            if os.path.isdir(directory):
+                os.rmdir(directory)
+    assert lines[:3] == [" 00", "kmsg-denied", "mknod-denied"]
+
+
+def test_root_in_the_payload_cannot_widen_its_devices(
+        make_set: Callable[..., CgroupSet], start_in: Callable[..., Child],
+        layout: CgroupLayout) -> None:
+    """Its own devices.allow takes nothing its parent, the scope, does not allow."""
+    if not any("devices" in h.controllers for h in layout.hierarchies):
+        pytest.skip("no v1 devices controller here")
+    cg = make_set()
+    payload = next(p for p, h in zip(cg.payload_paths, layout.hierarchies)
+                   if "devices" in h.controllers)
+    assert "c 1:3 rwm" in Path(payload, "devices.list").read_text().split("\n")
+    lines = _output_of(start_in, cg,
+                       f"echo a > {payload}/devices.allow 2>/dev/null && echo all-granted || echo all-refused; "
+                       f"echo 'c 1:11 rw' > {payload}/devices.allow 2>/dev/null && echo kmsg-granted || echo kmsg-refused; "
+                       "(: </dev/kmsg) 2>/dev/null && echo kmsg-opened || echo kmsg-denied")
+    assert lines[:3] == ["all-refused", "kmsg-refused", "kmsg-denied"]
+
+
+def test_the_cgroup_namespace_is_rooted_at_the_payload(
+        make_set: Callable[..., CgroupSet], start_in: Callable[..., Child],
+        layout: CgroupLayout) -> None:
+    cg = make_set()
+    lines = _output_of(start_in, cg, "cat /proc/self/cgroup")
+    own = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    managed = [entry for entry in own if any(h.names(entry[1]) for h in layout.hierarchies)]
+    assert len(managed) == len(layout.hierarchies)
+    assert {entry[2] for entry in managed} == {"/"}

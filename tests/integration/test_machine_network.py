@@ -285,15 +285,19 @@ def test_network_interface_is_moved_in(container: Container, host_links: Callabl
     settings = NetworkSettings(interfaces=[inside])
     settings.validate()
     setup = setup_network(settings, f"{MACHINE}i", container.pid)
-
-    assert setup.moved == [inside]
-    assert inside not in link_names() and inside in link_names(container.pid)
-    host_addr, guest_addr, plen = free_subnet()
-    ip("addr", "add", f"{host_addr}/{plen}", "dev", outside)
-    ip("link", "set", outside, "up")
-    ip("addr", "add", f"{guest_addr}/{plen}", "dev", inside, pid=container.pid)
-    ip("link", "set", inside, "up", pid=container.pid)
-    ping(host_addr, pid=container.pid)
+    try:
+        assert setup.moved == [inside]
+        assert inside not in link_names() and inside in link_names(container.pid)
+        host_addr, guest_addr, plen = free_subnet()
+        ip("addr", "add", f"{host_addr}/{plen}", "dev", outside)
+        ip("link", "set", outside, "up")
+        ip("addr", "add", f"{guest_addr}/{plen}", "dev", inside, pid=container.pid)
+        ip("link", "set", inside, "up", pid=container.pid)
+        ping(host_addr, pid=container.pid)
+    finally:
+        teardown_network(setup)  # hands it back, as nspawn 252 does at exit
+    assert inside in link_names() and inside not in link_names(container.pid)
+    assert setup.netns_fd == -1  # the namespace is no longer pinned
 
 
 def test_failed_setup_rolls_back_and_names_the_link(container: Container,

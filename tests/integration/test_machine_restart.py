@@ -47,8 +47,10 @@ def test_sigkill_restart_adopts_every_machine(private_bus: PrivateBus, tree: Pat
     try:
         for i in range(COUNT):
             extra = ["--network-veth"] if i == 0 else []
+            root = tmp_path / f"tree{i}"  # each its own: a running tree is locked, as in nspawn
+            subprocess.run(["cp", "-a", str(tree), str(root)], check=True)
             clients.append(subprocess.Popen(
-                [HOSTELCTL, "run", "-q", "-D", str(tree), "-M", f"keep{i}", "--as-pid2", *extra,
+                [HOSTELCTL, "run", "-q", "-D", str(root), "-M", f"keep{i}", "--as-pid2", *extra,
                  "/bin/sh", "-c", "sleep 300"],
                 env=first.environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(tmp_path / f"client{i}.err", "w")))
@@ -102,3 +104,68 @@ def test_sigkill_restart_adopts_every_machine(private_bus: PrivateBus, tree: Pat
         for client in clients:
             client.kill()
             client.wait()
+
+
+def _payload_of(leader: int) -> int | None:
+    """The stub init's one child (the payload), or None when it has none."""
+    try:
+        children = Path(f"/proc/{leader}/task/{leader}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def _alive(pid: int | None) -> bool:
+    try:
+        return pid is not None and Path(f"/proc/{pid}/stat").read_text() \
+            .rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_as_pid2_machines_survive_hosteld_stop_and_crash(private_bus: PrivateBus, tree: Path,
+                                                         tmp_path: Path) -> None:
+    """With no caller descriptors the console is a pty hosteld holds; its hangup when
+    hosteld goes must not reach the payload through the stub init (PID 1 ignores it)."""
+    runtime = tmp_path / "run"
+    daemons: list[DaemonProcess] = []
+    before: dict[str, dict] = {}
+
+    def start_daemon() -> DaemonProcess:
+        daemons.append(DaemonProcess(private_bus.address, runtime, tmp_path / "state",
+                                     bus=private_bus).start())
+        return daemons[-1]
+
+    try:
+        daemon = start_daemon()
+        for name, pid2 in (("pid2-stub", "true"), ("pid2-plain", "false")):
+            busctl(private_bus, "call", "org.hostel1", "/org/hostel1/machine",
+                   "org.hostel1.MachineManager", "StartMachine", "sa{sv}", name, "4",
+                   "Directory", "s", str(tree), "Command", "as", "2", "/bin/sleep", "3000",
+                   "AsPid2", "b", pid2,
+                   "ReadOnly", "b", "true")  # both on one tree: a shared lock, as in nspawn
+        before.update(machines(daemon))
+        payload = _payload_of(before["pid2-stub"]["Leader"])
+        assert _alive(payload), "the stub init has no payload child"
+        for how in (signal.SIGTERM, signal.SIGKILL):
+            daemon.stop(how)
+            time.sleep(0.5)
+            assert _alive(before["pid2-plain"]["Leader"]), f"the plain container died on {how!r}"
+            assert _alive(payload), f"the --as-pid2 payload died when hosteld got {how!r}"
+            assert _alive(before["pid2-stub"]["Leader"]), f"the stub init died on {how!r}"
+            daemon = start_daemon()
+            after = machines(daemon)
+            assert {name: m["State"] for name, m in after.items()} == \
+                {"pid2-stub": "running", "pid2-plain": "running"}, how
+    finally:
+        for daemon in daemons:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                for name in machines(daemon):
+                    hostelctl(daemon.address, "kill", name, "--signal=KILL")
+                wait_for(lambda: machines(daemon) == {})
+                daemon.stop()
+        for machine in before.values():  # a failure above may have left no daemon to ask
+            try:
+                os.kill(machine["Leader"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -14,6 +14,7 @@ from hostel import native
 from hostel.bus import InvalidArgs
 from hostel.machine import users
 from hostel.machine.users import ContainerUserError, UserIds, resolve_user
+from hostel.privatebus import DaemonProcess
 from hostel.spawn import Plan, spawn
 
 PASSWD = b"""\
@@ -224,3 +225,77 @@ def test_loginuid_step_is_skipped_when_already_unset() -> None:
         assert plan.steps == []
     else:
         assert [s.description for s in plan.steps] == ["write /proc/self/loginuid"]
+
+
+# --private-users: root inside owns the tree ------------------------------------------
+
+OWNERSHIP_PROBE = ("id -u; stat -c '%u %g' / /etc/passwd; touch /root/written && echo write-ok; "
+                   "cat /proc/self/uid_map")
+
+
+def _run_userns(hosteld: DaemonProcess, tree: Path, mode: str) -> list[str]:
+    from conftest import hostelctl
+
+    done = hostelctl(hosteld.address, "run", "-q", "-D", str(tree), f"--private-users={mode}",
+                     "/bin/sh", "-c", OWNERSHIP_PROBE)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("\n")
+
+
+@pytest.mark.parametrize("mode", ["pick", "yes"])
+def test_root_inside_owns_a_root_owned_tree_through_an_idmapped_mount(
+        hosteld: DaemonProcess, tree: Path, mode: str) -> None:
+    """nspawn's --private-users-ownership=auto on a file system that supports idmapped
+    mounts: the tree is seen as root's inside, and stays root's on disk."""
+    assert os.stat(tree).st_uid == 0
+    lines = _run_userns(hosteld, tree, mode)
+    assert lines[:4] == ["0", "0 0", "0 0", "write-ok"], lines
+    base = int(lines[4].split()[1])
+    assert base >= 0x80000  # an unprivileged host range
+    written = os.stat(tree / "root/written")
+    assert (written.st_uid, written.st_gid) == (0, 0)  # mapped back through the mount
+    assert os.stat(tree).st_uid == 0 and os.stat(tree / "etc/passwd").st_uid == 0
+
+
+def test_a_file_system_without_idmapped_mounts_gets_a_recorded_chown(
+        hosteld: DaemonProcess, tree: Path, tmp_path: Path) -> None:
+    """ramfs cannot idmap: the tree is chowned into the range once, and the owner of its
+    root records the range, which the next --private-users=pick takes again."""
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    native.mount("ramfs", str(ram), "ramfs", 0, None)
+    try:
+        copy = ram / "tree"
+        subprocess.run(["cp", "-a", str(tree), str(copy)], check=True)
+        setuid = copy / "bin/probe-setuid"
+        setuid.write_bytes(b"")
+        setuid.chmod(0o4755)
+        first = _run_userns(hosteld, copy, "pick")
+        assert first[:4] == ["0", "0 0", "0 0", "write-ok"], first
+        base = int(first[4].split()[1])
+        assert os.stat(copy).st_uid == base and os.stat(copy / "etc/passwd").st_gid == base
+        assert os.stat(copy / "root/written").st_uid == base
+        assert os.stat(setuid).st_mode & 0o7777 == 0o4755  # chown cleared it; put back
+        again = _run_userns(hosteld, copy, "pick")
+        assert again[:4] == first[:4] and int(again[4].split()[1]) == base
+    finally:
+        native.umount(str(ram), native.MNT_DETACH)
+
+
+def test_root_of_a_user_namespaced_container_manages_its_own_cgroups(
+        hosteld: DaemonProcess, tree: Path) -> None:
+    """As nspawn delegates: in name=systemd (and cgroup2) the container's root may make
+    cgroups below its own and move itself there; the device hierarchy stays closed."""
+    script = ("mkdir /sys/fs/cgroup/systemd/inner && "
+              "echo $$ > /sys/fs/cgroup/systemd/inner/cgroup.procs && echo delegated; "
+              "grep name=systemd /proc/self/cgroup; "
+              "mkdir -p /tmp/dv && mount -t cgroup -o devices none /tmp/dv && "
+              "(echo a > /tmp/dv/devices.allow) 2>/dev/null && echo widened || echo devices-closed")
+    from conftest import hostelctl
+
+    done = hostelctl(hosteld.address, "run", "-q", "-D", str(tree), "--private-users=pick",
+                     "/bin/sh", "-c", script)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0] == "delegated" and lines[1].endswith(":name=systemd:/inner")
+    assert lines[2] == "devices-closed"

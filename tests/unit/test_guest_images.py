@@ -207,10 +207,13 @@ def test_docker_save_archive_imports_and_lists(store: ImageStore, tmp_path: Path
     archive = docker_archive(tmp_path / "bb.tar", layers)
     stages = []
     info = store.import_archive(str(archive), progress=lambda *a: stages.append(a))
-    assert info.name == "busybox-test" and info.digest.startswith("sha256:")
-    assert [i.name for i in store.list()] == ["busybox-test"]
+    # The archive's tag is the reference, kept as is (not made "busybox-test").
+    assert info.name == "hostel/busybox:test" and info.digest.startswith("sha256:")
+    assert [i.name for i in store.list()] == ["hostel/busybox:test"]
     assert info.config().cmd == ["sh"] and info.size == info.squashfs.stat().st_size
-    assert stages[0][1:] == (0, 2) and stages[-1] == ("imported", 2, 2)
+    layer_bytes = len(layers[0])   # progress counts the layer's bytes as stored
+    assert stages[0][1:] == (0, layer_bytes)
+    assert stages[-1] == ("imported", layer_bytes, layer_bytes)
     with mounted_squashfs(info.squashfs, tmp_path / "mnt") as root:
         assert (root / "bin/busybox").read_bytes() == Path(BUSYBOX).read_bytes()
         assert os.readlink(root / "bin/sh") == "busybox"
@@ -248,7 +251,7 @@ def test_multi_layer_whiteouts_opaque_links_devices(store: ImageStore, tmp_path:
         assert not (root / "srv/fifo").exists() and (root / "srv/third").read_bytes() == b"3\n"
         assert not any(name.startswith(".wh.") for _, dirs, files in os.walk(root)
                        for name in dirs + files)
-    assert _contents(store) == ["multi"]
+    assert _contents(store) == ["multi:latest"]
 
 
 def test_oci_layout_keeps_digest_and_ref_name(store: ImageStore, tmp_path: Path) -> None:
@@ -257,7 +260,7 @@ def test_oci_layout_keeps_digest_and_ref_name(store: ImageStore, tmp_path: Path)
     layout = oci_layout(tmp_path / "layout", layers, tag="v1.2")
     info = store.import_archive(str(layout))
     index = json.loads((layout / "index.json").read_text())
-    assert info.name == "v1.2" and info.digest == index["manifests"][0]["digest"]
+    assert info.name == "v1.2:latest" and info.digest == index["manifests"][0]["digest"]
 
 
 def _tamper_layer_bytes(layers: list[bytes]) -> list[bytes]:
@@ -358,12 +361,18 @@ def test_truncated_layer_is_rejected(store: ImageStore, tmp_path: Path) -> None:
 
 def test_names_duplicates_and_removal(store: ImageStore, tmp_path: Path) -> None:
     archive = docker_archive(tmp_path / "a.tar", [busybox_layer(("sh",)).tar()])
-    with pytest.raises(InvalidArgs, match="invalid image name"):
-        store.import_archive(str(archive), "../x")
+    for bad in ("../x", "Upper", "a/", "x:", "x:-tag", "x@sha256:12"):
+        with pytest.raises(InvalidArgs, match="invalid image reference"):
+            store.import_archive(str(archive), bad)
     store.import_archive(str(archive), "one")
     with pytest.raises(AlreadyExists, match="exists already"):
-        store.import_archive(str(archive), "one")
+        store.import_archive(str(archive), "one:latest")   # a bare name is NAME:latest
+    store.import_archive(str(archive), "localhost:5000/hostel/one:v1")
+    assert [i.name for i in store.list()] == ["localhost:5000/hostel/one:v1", "one:latest"]
+    assert store.get("localhost:5000/hostel/one:v1").directory.name == \
+        "localhost:5000+hostel+one:v1"
     store.remove("one")
+    store.remove("localhost:5000/hostel/one:v1")
     assert store.list() == [] and _contents(store) == []
     with pytest.raises(NoSuchObject, match="no image named 'one'"):
         store.remove("one")
@@ -371,7 +380,28 @@ def test_names_duplicates_and_removal(store: ImageStore, tmp_path: Path) -> None
         store.import_archive(str(tmp_path / "nope.tar"), "two")
 
 
-@pytest.mark.parametrize("tag,name", [("docker.io/library/busybox:1.36", "busybox-1.36"),
-                                      ("busybox", "busybox"), ("...", "image")])
+@pytest.mark.parametrize("tag,name", [
+    ("docker.io/library/busybox:1.36", "docker.io/library/busybox:1.36"),
+    ("busybox", "busybox:latest"), ("My Image", "my-image:latest"), ("...", "image:latest")])
 def test_default_name(tag: str, name: str) -> None:
     assert default_name(tag) == name
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("/".join(["d"] * 2000) + "/f", "2001 directories deep"),
+    ("a" * 5000, "longer than 4095 bytes"),
+    ("d/" + "n" * 300, "component longer than 255 bytes"),
+])
+def test_names_no_file_system_takes_are_refused_and_leave_nothing(
+        store: ImageStore, tmp_path: Path, name: str, needle: str) -> None:
+    """Was a RecursionError (removing the 2,000-deep staging tree) and an .import-* leftover."""
+    layer = Layer().file(name, b"x")
+    _rejected(store, docker_archive(tmp_path / "odd.tar", [layer.tar()]), needle)
+
+
+def test_a_fifo_named_as_archive_is_refused_without_blocking(store: ImageStore,
+                                                              tmp_path: Path) -> None:
+    fifo = tmp_path / "image.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidArgs, match="is not a regular file"):
+        store.import_archive(str(fifo), "fifo")

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 
 from hostel.bus import InvalidArgs
-from hostel.guest.launchconfig import (ImageConfig, LaunchRequest, NetworkConfig, Process,
-                                       build_process, resolve_executable)
+from hostel.guest.launchconfig import (DEFAULT_PATH, ImageConfig, LaunchRequest, NetworkConfig,
+                                       Process, build_process, resolve_executable)
 
 FILES = {"/bin/sh", "/bin/busybox", "/usr/bin/env", "/opt/app/run", "/srv/tool"}
+HOME = "/home/someone"
 PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -15,7 +16,8 @@ def is_file(path: str) -> bool:
     return path in FILES
 
 
-BASE_ENV = {"HOSTEL_GUEST": "1", "TERM": "vt100"}
+# what every process gets, under the image's and the request's (no TERM: no terminal)
+BASE_ENV = {"PATH": DEFAULT_PATH, "HOME": HOME}
 
 CASES = [
     # (image config, request, path, argv, extra env, cwd, user)
@@ -40,16 +42,24 @@ CASES = [
     pytest.param(ImageConfig(cmd=["nowhere"], env=[f"PATH={PATH}"]), LaunchRequest(),
                  "nowhere", ["nowhere"], {"PATH": PATH}, "/", "", id="unresolved-left-alone"),
     pytest.param(ImageConfig(cmd=["env"]), LaunchRequest(),
-                 "env", ["env"], {}, "/", "", id="no-path-no-search"),
+                 "/usr/bin/env", ["env"], {}, "/", "", id="default-path-searched"),
+    pytest.param(ImageConfig(cmd=["env"], env=["PATH="]), LaunchRequest(),
+                 "env", ["env"], {"PATH": ""}, "/", "", id="empty-path-no-search"),
     pytest.param(ImageConfig(cmd=["srv/tool"]), LaunchRequest(),
                  "/srv/tool", ["tool"], {}, "/", "", id="relative-file-from-root"),
     pytest.param(ImageConfig(cmd=["env"], env=["PATH=/nope", "A=image", "B=image"]),
                  LaunchRequest(env={"A": "request", "PATH": "/usr/bin"}),
                  "/usr/bin/env", ["env"], {"PATH": "/usr/bin", "A": "request", "B": "image"},
                  "/", "", id="request-env-wins-and-path-from-request"),
-    pytest.param(ImageConfig(env=["TERM=xterm", "HOSTEL_GUEST=0"]),
-                 LaunchRequest(env={"TERM": "dumb"}), "/bin/sh", ["sh"], {}, "/", "",
-                 id="term-and-marker-always-set"),
+    pytest.param(ImageConfig(env=["TERM=xterm"]), LaunchRequest(), "/bin/sh", ["sh"],
+                 {"TERM": "xterm"}, "/", "", id="term-from-the-image-only"),
+    pytest.param(ImageConfig(), LaunchRequest(terminal="xterm-256color", hostname="h1"),
+                 "/bin/sh", ["sh"], {"HOSTNAME": "h1", "TERM": "xterm-256color"}, "/", "",
+                 id="terminal-and-hostname"),
+    pytest.param(ImageConfig(env=["HOME=/image", "TERM=xterm"]),
+                 LaunchRequest(terminal="vt220", hostname="h1", env={"HOSTNAME": "mine"}),
+                 "/bin/sh", ["sh"], {"HOSTNAME": "mine", "HOME": "/image", "TERM": "xterm"},
+                 "/", "", id="image-and-request-override-the-defaults"),
     pytest.param(ImageConfig(working_dir="/srv", user="1000:1000"), LaunchRequest(),
                  "/bin/sh", ["sh"], {}, "/srv", "1000:1000", id="workdir-and-user"),
     pytest.param(ImageConfig(working_dir="srv/data", user="user"), LaunchRequest(),
@@ -60,13 +70,14 @@ CASES = [
 @pytest.mark.parametrize("image,request_,path,argv,env,cwd,user", CASES)
 def test_process_table(image: ImageConfig, request_: LaunchRequest, path: str, argv: list[str],
                        env: dict[str, str], cwd: str, user: str) -> None:
-    process = build_process(image, request_, is_file)
-    assert process == Process(path=path, argv=argv, env={**env, **BASE_ENV}, cwd=cwd, user=user)
+    process = build_process(image, request_, is_file, HOME)
+    assert process == Process(path=path, argv=argv, env={**BASE_ENV, **env}, cwd=cwd, user=user)
 
 
 def test_env_list_is_key_value() -> None:
-    process = build_process(ImageConfig(env=["A=1=2"]), LaunchRequest(), is_file)
-    assert "A=1=2" in process.env_list and "HOSTEL_GUEST=1" in process.env_list
+    process = build_process(ImageConfig(env=["A=1=2"]), LaunchRequest(hostname="h"), is_file,
+                            "/root")
+    assert process.env_list == [f"PATH={DEFAULT_PATH}", "HOSTNAME=h", "HOME=/root", "A=1=2"]
 
 
 def test_resolve_tries_path_entries_in_order() -> None:
@@ -108,6 +119,8 @@ def test_bad_image_config_is_refused(doc: object, needle: str) -> None:
     ({"env": {"A": "x\0"}}, "NUL"),
     ({"command": ["ok", 3]}, "string"),
     ({"isolation": "chroot"}, "unknown isolation"),
+    ({"terminal": ""}, "invalid terminal type"),
+    ({"terminal": "TERM=xterm"}, "invalid terminal type"),
 ])
 def test_bad_request_is_refused(kwargs: dict, needle: str) -> None:
     with pytest.raises(InvalidArgs, match=needle):
@@ -133,7 +146,7 @@ def test_launch_request_round_trips_through_json() -> None:
     request = LaunchRequest(command=["echo", "hi"], env={"A": "1"}, hostname="guest1",
                             network=NetworkConfig("eth0", "10.0.0.2/24", "10.0.0.1",
                                                   "fd00::2/64", "fd00::1", ("10.0.0.1",)),
-                            isolation="vm")
+                            isolation="vm", terminal="xterm")
     assert LaunchRequest.from_json(request.to_json()) == request
     assert LaunchRequest.from_json('{"run": null}') == LaunchRequest()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from guests.build import build
 from hostel.guest import lguest
 from hostel.guest.errors import BackendUnavailable, GuestError
 from hostel.guest.launcher import Launcher
@@ -53,8 +54,7 @@ def test_run_results_mean_what_the_seed_says() -> None:
 
 @pytest.mark.skipif(os.path.exists(lguest.DEVICE), reason="this kernel has /dev/lguest")
 def test_a_missing_device_is_explained(tmp_path: Path) -> None:
-    kernel = tmp_path / "k"
-    kernel.write_bytes(b"")
+    kernel = build("hello", tmp_path)  # a kernel the loader takes: the backend is next
     with pytest.raises(BackendUnavailable) as info:
         Launcher(GuestSettings(memory_mb=8, kernel=kernel, backend="lguest"), 1)
     message = str(info.value)

@@ -1,7 +1,7 @@
 """Kernel loaders and the boot area: ELF64 and bzImage into real guest memory.
 
-The bzImage cases use Debian's kernel: /boot/vmlinuz-* when installed, else
-the linux-image package from apt's cache unpacked into a temporary directory."""
+The bzImage cases use Debian's cloud kernel from the cache `make setup` fills
+(tests/guests/kernel.py)."""
 from __future__ import annotations
 
 import struct
@@ -30,10 +30,9 @@ def hello(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bzimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    kernel = debian_kernel(tmp_path_factory.mktemp("kernel"))
-    if kernel is None:
-        pytest.skip(HOW_TO_GET_ONE)
+def bzimage() -> Path:
+    kernel = debian_kernel()
+    assert kernel is not None, HOW_TO_GET_ONE
     return kernel
 
 
@@ -140,3 +139,51 @@ def test_guest_memory_bounds(mem: GuestMemory) -> None:
         with pytest.raises(Exception, match="outside guest memory"):
             mem.check(gpa, length)
     assert mem.to_guest(mem.to_host(0x1234, 1)) == 0x1234
+
+
+GiB = 1 << 30
+
+
+def test_memory_above_the_gap_continues_at_4_gib() -> None:
+    """6 GiB of RAM: 3.25 GiB below the MMIO gap, the rest from 4 GiB; the host
+    mapping mirrors guest addresses."""
+    with GuestMemory(6 * GiB) as big:
+        assert [(r.gpa, r.size) for r in big.regions] == [(0, 0xD0000000),
+                                                          (4 * GiB, 6 * GiB - 0xD0000000)]
+        big.write(4 * GiB, b"high")
+        big.write(0xD0000000 - 3, b"low")
+        assert big.read(4 * GiB, 4) == b"high" and big.read(0xD0000000 - 3, 3) == b"low"
+        assert big.to_guest(big.to_host(4 * GiB + 5, 1)) == 4 * GiB + 5
+        for gpa, length in [(0xD0000000, 1), (0xFEC00000, 4), (4 * GiB - 1, 2),
+                            (0xD0000000 - 3, 4), (10 * GiB, 1)]:
+            with pytest.raises(Exception, match="outside guest memory"):
+                big.check(gpa, length)
+
+
+def test_e820_map_leaves_the_gap_out() -> None:
+    with GuestMemory(6 * GiB) as big:
+        assert boot.e820_map(big.regions) == [
+            (0, boot.LOW_RAM_END, boot.E820_RAM),
+            (boot.LOW_RAM_END, 0x100000 - boot.LOW_RAM_END, boot.E820_RESERVED),
+            (0x100000, 0xD0000000 - 0x100000, boot.E820_RAM),
+            (4 * GiB, 6 * GiB - 0xD0000000, boot.E820_RAM)]
+
+
+def test_memory_beyond_the_host_is_refused() -> None:
+    with pytest.raises(Exception, match="exceeds this host's"):
+        GuestMemory(1 << 40)
+
+
+def test_big_guest_initrd_stays_below_the_gap_and_rsdp_is_in_the_zero_page(
+        bzimage: Path, tmp_path: Path) -> None:
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"initrd!" * 1000)
+    with GuestMemory(6 * GiB) as big:
+        kernel = loader.load_bzimage(big, bzimage.read_bytes(), "vmlinuz")
+        loader.finish_boot_params(big, kernel, "console=ttyS0", initrd, rsdp=0xE0000)
+        zp = big.read(kernel.zero_page, 4096)
+        rd_addr, rd_size = struct.unpack_from("<II", zp, 0x218)
+        assert rd_addr + rd_size <= min(0xD0000000, kernel.initrd_max + 1)
+        assert big.read(rd_addr, 7) == b"initrd!"
+        assert struct.unpack_from("<Q", zp, boot.BP_ACPI_RSDP_ADDR)[0] == 0xE0000
+        assert zp[boot.BP_E820_ENTRIES] == 4

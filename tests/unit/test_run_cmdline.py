@@ -74,7 +74,7 @@ def test_agrees_with_getopt_long(argv: list[str]) -> None:
     (["--directory"], "option '--directory' requires an argument"),
     (["--quiet=yes"], "option '--quiet' doesn't allow an argument"),
     (["--private"], "option '--private' is ambiguous; possibilities: "
-                    "'--private-network' '--private-users'"),
+                    "'--private-network' '--private-users' '--private-users-ownership'"),
 ])
 def test_errors_use_getopts_words(argv: list[str], message: str) -> None:
     with pytest.raises(cmdline.UsageError) as error:

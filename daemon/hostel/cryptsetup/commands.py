@@ -17,6 +17,10 @@ MANAGER = "org.hostel1.CryptsetupManager"
 VOLUME = "org.hostel1.Volume"
 NO_KEY_FILE = ("", "-", "none")
 EXIT_FAILED = 1
+# check-key exits as `cryptsetup open --test-passphrase` does, so scripts that
+# test keys with one work with the other.
+EXIT_WRONG_KEY = 2
+EXIT_NO_SUCH_VOLUME = 4
 
 
 class _NoPassphrase(Exception):
@@ -56,12 +60,11 @@ def _key_options(args: "argparse.Namespace", ask: bool) -> dict[str, tuple[str, 
 
 
 def cmd_list(args: "argparse.Namespace", client: "Any") -> int:
+    from hostel.output import print_table
+
     (volumes,) = client.call(MANAGER_PATH, MANAGER, "ListVolumes")
-    if volumes:
-        print(f"{'VOLUME':<20} {'STATE':<15} DEVICE")
-        for name, device, state, _path in volumes:
-            print(f"{name:<20} {state:<15} {device}")
-    print(f"\n{len(volumes)} volumes listed.")
+    print_table(args, ["VOLUME", "STATE", "DEVICE"],
+                [[name, state, device] for name, device, state, _path in volumes], "volume")
     for warning in client.get_property(MANAGER_PATH, MANAGER, "Warnings"):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
@@ -81,6 +84,10 @@ def cmd_status(args: "argparse.Namespace", client: "Any") -> int:
     if path is None:
         return EXIT_FAILED
     props = client.get_all(path, VOLUME)
+    from hostel.output import print_properties, wants_properties
+
+    if wants_properties(args):
+        return print_properties(args, props)
     key = props["KeyFile"] or "(none: a passphrase is asked for)"
     if props["KeyDevice"]:
         key += f" on {props['KeyDevice']}"
@@ -96,14 +103,21 @@ def cmd_status(args: "argparse.Namespace", client: "Any") -> int:
 
 
 def cmd_check_key(args: "argparse.Namespace", client: "Any") -> int:
+    """The name is checked before anything is asked for, and crypttab's key file
+    is used unless --key-file names another: a passphrase is asked for only
+    when the volume has no key file, as systemd-cryptsetup would."""
+    path = _volume_path(client, args.name)
+    if path is None:
+        return EXIT_NO_SUCH_VOLUME
+    key_file = client.get_property(path, VOLUME, "KeyFile")
     try:
-        options = _key_options(args, ask=True)
+        options = _key_options(args, ask=key_file in NO_KEY_FILE)
     except _NoPassphrase as e:
         print(f"hostelctl cryptsetup check-key: {e}", file=sys.stderr)
         return EXIT_FAILED
     (accepted,) = client.call(MANAGER_PATH, MANAGER, "CheckKey", "sa{sv}", args.name, options)
     print(f"{args.name}: the key {'opens' if accepted else 'does not open'} the volume")
-    return 0 if accepted else EXIT_FAILED
+    return 0 if accepted else EXIT_WRONG_KEY
 
 
 def cmd_attach(args: "argparse.Namespace", client: "Any") -> int:
@@ -134,8 +148,10 @@ def add_commands(sub: "argparse._SubParsersAction", verb: "Callable[..., argpars
                   cmd_status)
     status.add_argument("name")
     for name, text, handler in [
-            ("check-key", "check that a passphrase (asked for, or read from a pipe) or a "
-                          "key file opens a volume; exit status 1 if it does not", cmd_check_key),
+            ("check-key", "check that crypttab's key file, --key-file, or a passphrase (asked "
+                          "for, or read from a pipe, when the volume has no key file) opens a "
+                          "volume; exit status 0 if it does, 2 if it does not, 4 if there is "
+                          "no such volume, as cryptsetup open --test-passphrase", cmd_check_key),
             ("attach", "attach a volume as /dev/mapper/NAME, with crypttab's key file or a "
                        "passphrase", cmd_attach)]:
         parser = verb(sub, name, text, handler)

@@ -10,7 +10,9 @@ Lean on purpose: the generator imports this at every boot.  No dataclasses
 the builtin posix module does the few system calls needed.
 """
 
+import errno
 import posix
+import stat
 import sys
 
 from hostel.cryptsetup.unitname import fstab_node_to_udev_node, from_bytes, path_startswith
@@ -30,15 +32,24 @@ LOG_ERR, LOG_WARNING, LOG_INFO, LOG_DEBUG = 3, 4, 6, 7
 class CrypttabError(OSError):
     """The crypttab exists but cannot be read to the end; systemd fails the run."""
 
+    errno: int  # always raised as CrypttabError(errno, message)
 
-def getenv(name: str, default: str | None = None) -> str | None:
+
+def getenv(name: str) -> str | None:
     """os.environ.get() without importing os; uses os.environ when a host program
     (the daemon) already has os loaded, so its changes to the environment count."""
     os_module = sys.modules.get("os")
     if os_module is not None:
-        return os_module.environ.get(name, default)
-    value = posix.environ.get(name.encode())
-    return default if value is None else from_bytes(value)
+        value: str | None = os_module.environ.get(name)
+        return value
+    raw = posix.environ.get(name.encode())
+    return None if raw is None else from_bytes(raw)
+
+
+def getenv_or(name: str, default: str) -> str:
+    """getenv() with a default for an unset variable (a set, empty one stays empty, as in C)."""
+    value = getenv(name)
+    return default if value is None else value
 
 
 def exists(path: str) -> bool:
@@ -50,7 +61,7 @@ def exists(path: str) -> bool:
 
 
 def _max_log_level() -> int:
-    value = getenv("SYSTEMD_LOG_LEVEL", "info")
+    value = getenv_or("SYSTEMD_LOG_LEVEL", "info")
     return int(value) if value.isdigit() else _LOG_LEVELS.get(value, LOG_INFO)
 
 
@@ -270,7 +281,7 @@ def split_cmdline(line: str) -> list[str]:
         for ws in "\t\n\r":
             line = line.replace(ws, " ")
         return [w for w in line.split(" ") if w]
-    words = []
+    words: list[str] = []
     i, n = 0, len(line)
     while True:
         while i < n and line[i] in _WHITESPACE:
@@ -312,11 +323,8 @@ def parse_cmdline(lines: list[str], in_initrd: bool) -> CmdlineConfig:
     return config
 
 
-def _value_missing(key: str, value: str | None) -> bool:
-    if value is None:
-        log(LOG_WARNING, f"Missing argument for {key}= kernel command line switch, ignoring.")
-        return True
-    return False
+def _missing_value(key: str) -> None:
+    log(LOG_WARNING, f"Missing argument for {key}= kernel command line switch, ignoring.")
 
 
 def _uuid_invalid(uuid: str, key: str) -> bool:
@@ -337,16 +345,16 @@ def _switch_bool(attr: str):
 
 
 def _switch_uuid(config: CmdlineConfig, key: str, value: str | None) -> None:
-    if _value_missing(key, value):
-        return
+    if value is None:
+        return _missing_value(key)
     # v252 takes any string here, UUID or not, minus an optional "luks-".
     d = config.disk(value[5:] if value.startswith("luks-") else value)
     d.create = config.allow_list = True
 
 
 def _switch_options(config: CmdlineConfig, key: str, value: str | None) -> None:
-    if _value_missing(key, value):
-        return
+    if value is None:
+        return _missing_value(key)
     scanned = _scan_uuid_assignment(value)
     if scanned is None:
         config.default_options = value
@@ -359,8 +367,8 @@ def _switch_options(config: CmdlineConfig, key: str, value: str | None) -> None:
 
 
 def _switch_key(config: CmdlineConfig, key: str, value: str | None) -> None:
-    if _value_missing(key, value):
-        return
+    if value is None:
+        return _missing_value(key)
     n = _span_alnum_dash(value)
     if value[n:n + 1] != "=":
         config.default_key_file = value
@@ -372,8 +380,8 @@ def _switch_key(config: CmdlineConfig, key: str, value: str | None) -> None:
 
 
 def _switch_data(config: CmdlineConfig, key: str, value: str | None) -> None:
-    if _value_missing(key, value):
-        return
+    if value is None:
+        return _missing_value(key)
     n = _span_alnum_dash(value)
     if value[n:n + 1] != "=":
         log(LOG_WARNING, "Failed to parse luks.data= kernel command line switch. UUID is invalid, ignoring.")
@@ -384,8 +392,8 @@ def _switch_data(config: CmdlineConfig, key: str, value: str | None) -> None:
 
 
 def _switch_name(config: CmdlineConfig, key: str, value: str | None) -> None:
-    if _value_missing(key, value):
-        return
+    if value is None:
+        return _missing_value(key)
     scanned = _scan_uuid_assignment(value)
     if scanned is None:
         log(LOG_WARNING, f"Failed to parse luks name switch {value}. Ignoring.")
@@ -452,13 +460,17 @@ def read_file(path: str) -> bytes | None:
     opens with fopen(), which succeeds on a directory, and fails on the read.
     """
     try:
-        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as e:
         log(LOG_ERR, f"Failed to open {path}: {e.strerror}")
         return None
     try:
+        mode = posix.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
+            # Not the generator's behaviour (fopen would wait): a daemon must not.
+            raise CrypttabError(errno.EINVAL, f"Failed to read {path}: not a regular file")
         chunks = []
         while chunk := posix.read(fd, 1 << 16):
             chunks.append(chunk)
@@ -477,7 +489,7 @@ def first_line(path: str) -> str | None:
 
 
 def in_initrd() -> bool:
-    value = parse_boolean(getenv("SYSTEMD_IN_INITRD", "-"))
+    value = parse_boolean(getenv_or("SYSTEMD_IN_INITRD", "-"))
     return exists("/etc/initrd-release") if value is None else value
 
 
@@ -598,7 +610,7 @@ def iter_volumes(config: CmdlineConfig, crypttab_path: str = DEFAULT_CRYPTTAB):
 def load_volumes(crypttab_path: str | None = None, cmdline: list[str] | None = None,
                  initrd: bool | None = None) -> list[Volume]:
     """All volumes at once, for callers (the daemon) that do not generate units."""
-    path = crypttab_path or getenv("SYSTEMD_CRYPTTAB", DEFAULT_CRYPTTAB)
+    path = crypttab_path or getenv_or("SYSTEMD_CRYPTTAB", DEFAULT_CRYPTTAB)
     lines = kernel_command_lines() if cmdline is None else cmdline
     config = parse_cmdline(lines, in_initrd() if initrd is None else initrd)
     return list(iter_volumes(config, path))

@@ -14,7 +14,7 @@ import posix
 import sys
 
 from hostel.cryptsetup.crypttab import (
-    LOG_ERR, LOG_WARNING, CrypttabError, Volume, exists, filter_options, find_option, getenv,
+    LOG_ERR, LOG_WARNING, CrypttabError, Volume, exists, filter_options, find_option, getenv_or,
     in_initrd, iter_volumes, kernel_command_lines, log, option_yes_no, parse_cmdline)
 from hostel.cryptsetup.unitname import (
     UnitNameError, cescape, fstab_node_to_udev_node, path_equal, path_join, path_startswith,
@@ -421,8 +421,8 @@ class Generator:
 
 def run(dest: str) -> None:
     config = parse_cmdline(kernel_command_lines(), in_initrd())
-    generator = Generator(dest, getenv("RUNTIME_DIRECTORY", _DEFAULT_RUNTIME_DIRECTORY))
-    for volume in iter_volumes(config, getenv("SYSTEMD_CRYPTTAB", "/etc/crypttab")):
+    generator = Generator(dest, getenv_or("RUNTIME_DIRECTORY", _DEFAULT_RUNTIME_DIRECTORY))
+    for volume in iter_volumes(config, getenv_or("SYSTEMD_CRYPTTAB", "/etc/crypttab")):
         generator.create(volume)
 
 

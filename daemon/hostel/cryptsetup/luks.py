@@ -162,6 +162,7 @@ def _activate(cd: object, name: str | None, key: Key, flags: int) -> int:
     if key.passphrase is not None:
         return lib.crypt_activate_by_passphrase(cd, target, lib.CRYPT_ANY_SLOT, key.passphrase,
                                                 len(key.passphrase), flags)
+    assert key.key_file is not None, "a Key without a passphrase has a key file (__post_init__)"
     return lib.crypt_activate_by_keyfile_device_offset(
         cd, target, lib.CRYPT_ANY_SLOT, key.key_file.encode(), key.key_file_size,
         key.key_file_offset, flags)

@@ -16,7 +16,8 @@ from dbus_fast import Variant
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
 from hostel.bus import (ERROR_PREFIX, AlreadyExists, Dispatcher, HostelError, InvalidArgs,
-                        NoSuchObject, NotSupported, escape_path_label, mutating)
+                        NoSuchObject, NotSupported, escape_path_label, mutating,
+                        secrets_visible)
 from hostel.cryptsetup import luks, volumes
 from hostel.cryptsetup.volumes import ManagedVolume
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MANAGER_PATH = "/org/hostel1/cryptsetup"
 VOLUME_INTERFACE = "org.hostel1.Volume"
+SECRET_PROPERTIES = frozenset({"KeyFile", "KeyDevice", "Options"})  # root's only
 KEY_OPTIONS = {"Passphrase": "s", "KeyFile": "s"}
 ATTACH_OPTIONS = {**KEY_OPTIONS, "ReadOnly": "b"}
 
@@ -78,6 +80,10 @@ def key_for(volume: ManagedVolume, values: dict[str, Any]) -> luks.Key:
         raise InvalidArgs(f"key file {key_file!r} is not an absolute path")
     if not os.path.exists(key_file):
         raise InvalidArgs(f"key file {key_file} does not exist")
+    kind = volumes.blocking_kind(key_file)
+    if kind is not None:
+        raise InvalidArgs(f"key file {key_file} is a {kind}, not a regular file or block "
+                          "device; reading it could block for ever")
     return luks.Key(key_file=key_file, key_file_size=size, key_file_offset=offset)
 
 
@@ -95,11 +101,18 @@ class VolumeInterface(ServiceInterface):
         current = volume.properties()
         changed = {k: v for k, v in current.items() if self.published.get(k) != v}
         self.published = current
-        if changed:
-            self.emit_properties_changed(changed)
+        if changed:  # a signal goes to every listener: secrets are only said to have changed
+            self.emit_properties_changed(
+                {k: v for k, v in changed.items() if k not in SECRET_PROPERTIES},
+                [k for k in changed if k in SECRET_PROPERTIES])
 
     def _get(self, name: str) -> Any:
         return self.volume.properties()[name]
+
+    def _secret(self, name: str) -> Any:
+        """Key file paths and crypttab options are root's: others get an empty value."""
+        value = self._get(name)
+        return value if secrets_visible() else type(value)()
 
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> "s":
@@ -115,15 +128,15 @@ class VolumeInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def KeyFile(self) -> "s":
-        return self._get("KeyFile")
+        return self._secret("KeyFile")
 
     @dbus_property(access=PropertyAccess.READ)
     def KeyDevice(self) -> "s":
-        return self._get("KeyDevice")
+        return self._secret("KeyDevice")
 
     @dbus_property(access=PropertyAccess.READ)
     def Options(self) -> "as":
-        return self._get("Options")
+        return self._secret("Options")
 
     @dbus_property(access=PropertyAccess.READ)
     def Header(self) -> "s":
@@ -177,7 +190,8 @@ class CryptsetupManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def Warnings(self) -> "as":
-        return self.service.warnings
+        """Warnings quote crypttab entries, options included: root only."""
+        return self.service.warnings if secrets_visible() else []
 
     @dbus_method()
     async def ListVolumes(self) -> "a(ssso)":
@@ -259,7 +273,7 @@ class CryptsetupService:
     def _set_warnings(self, warnings: list[str]) -> None:
         if warnings != self.warnings:
             self.warnings = warnings
-            self.manager.emit_properties_changed({"Warnings": warnings})
+            self.manager.emit_properties_changed({}, ["Warnings"])  # root's only: re-read
 
     async def _refresh(self, names: list[str]) -> None:
         """Look at the devices again (they come and go without a crypttab change)."""

@@ -233,6 +233,8 @@ def path_equal(a: str, b: str) -> bool:
     if _simple(a) and _simple(b):
         return a == b
     i = j = 0
+    ca: str | bool | None  # False: the component is malformed
+    cb: str | bool | None
     while True:
         try:
             ca, i2 = first_component(a, i)
@@ -251,8 +253,8 @@ def path_equal(a: str, b: str) -> bool:
         i, j = i2, j2
 
 
-def path_join(a: str, b: str) -> str:
-    """Join with exactly one added slash at most; empty parts are skipped."""
+def path_join(a: str, b: str | None) -> str:
+    """Join with exactly one added slash at most; empty or missing (NULL in C) parts are skipped."""
     if not b:
         return a
     if not a or a.endswith("/") or b.startswith("/"):

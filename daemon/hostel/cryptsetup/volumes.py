@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 from contextlib import redirect_stderr
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +27,27 @@ _UDEV_LINK_DIRS = [(tag, f"/dev/disk/by-{tag.lower()}/")
                    for tag in ("UUID", "LABEL", "PARTUUID", "PARTLABEL")]
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text with undecodable bytes (kept as surrogates when it was read)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """Text that may hold undecodable bytes, as valid UTF-8 a D-Bus string can carry."""
+    return text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
 def name_problem(name: str) -> str | None:
     """Why name cannot be a device-mapper name (and so not a volume), or None."""
     if not name:
         return "an empty volume name"
+    if not _is_utf8(name):
+        return (f"volume name {printable(name)} is not valid UTF-8, which D-Bus names and "
+                "hostel's objects need")
     if "/" in name:
         return f"volume name {name!r} contains '/', which device-mapper names cannot"
     if name in (".", ".."):
@@ -65,6 +83,21 @@ def resolve_source(spec: str) -> str:
             value = _udev_unescape(node[len(prefix):])
             return luks.evaluate_spec(f'{tag}="{value}"') or ""
     return ""
+
+
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"))
+
+
+def blocking_kind(path: str) -> str | None:
+    """What `path` is when reading it may block or never end (a FIFO, a character
+    device, ...); None for a regular file or a block device, the only sources and key
+    files read. Never opens it: opening a FIFO blocks too."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # absent: said elsewhere
+    return next((kind for test, kind in _KINDS if test(mode)), None)
 
 
 def _udev_unescape(element: str) -> str:
@@ -163,8 +196,12 @@ class ManagedVolume:
 
     def _inspect(self) -> None:
         self.resolved = resolve_source(self.entry.device)
+        kind = blocking_kind(self.resolved) if self.resolved else None
         if not self.resolved:
             self.header_error = f"source {self.entry.device} is not present"
+        elif kind is not None:
+            self.header_error = (f"source {self.entry.device} is a {kind}, not a block device "
+                                 "or regular file; hosteld does not read it")
         elif self.entry.header_device:
             self.header_error = (f"the header is on device {self.entry.header_device}, "
                                  "which hosteld does not mount")
@@ -191,7 +228,7 @@ def load(crypttab_path: str | None, cmdline: list[str] | None) -> Loaded:
     stderr; here those lines are caught and kept as warnings, so the daemon can
     show a user why an entry is missing."""
     loaded = Loaded()
-    path = crypttab_path or crypttab.getenv("SYSTEMD_CRYPTTAB", crypttab.DEFAULT_CRYPTTAB)
+    path = crypttab_path or crypttab.getenv_or("SYSTEMD_CRYPTTAB", crypttab.DEFAULT_CRYPTTAB)
     said = io.StringIO()
     try:
         with redirect_stderr(said):
@@ -199,13 +236,13 @@ def load(crypttab_path: str | None, cmdline: list[str] | None) -> Loaded:
     except crypttab.CrypttabError as e:
         loaded.error = f"cannot read {path} ({os.strerror(e.errno)}): no volumes loaded"
         entries = []
-    loaded.warnings += [line for line in said.getvalue().splitlines() if line]
+    loaded.warnings += [printable(line) for line in said.getvalue().splitlines() if line]
     for entry in entries:
-        problem = name_problem(entry.name)
+        problem = name_problem(entry.name) or _undecodable_field(entry)
         if problem is None and entry.name in loaded.volumes:
             problem = f"volume {entry.name} is defined again; the first definition counts"
         if problem is not None:
-            loaded.warnings.append(f"{_where(entry)}: {problem}; skipped")
+            loaded.warnings.append(printable(f"{_where(entry)}: {problem}; skipped"))
             continue
         loaded.volumes[entry.name] = ManagedVolume(entry).inspected()
     if loaded.error:
@@ -213,6 +250,16 @@ def load(crypttab_path: str | None, cmdline: list[str] | None) -> Loaded:
     for warning in loaded.warnings:
         log.warning("%s", warning)
     return loaded
+
+
+def _undecodable_field(entry: crypttab.Volume) -> str | None:
+    """An entry whose device, key file or options are not UTF-8 cannot be shown on D-Bus."""
+    for what in ("device", "key_file", "key_device", "header_device", "options"):
+        value = getattr(entry, what)
+        if value and not _is_utf8(value):
+            return (f"the {what.replace('_', ' ')} {printable(value)} of volume "
+                    f"{entry.name} is not valid UTF-8")
+    return None
 
 
 def _where(entry: crypttab.Volume) -> str:

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from hostel.guest.errors import BadKernel
-from hostel.guest.memory import GuestMemory
+from hostel.guest.memory import GuestMemory, Region
 
 GDT_GPA = 0x500
 ZERO_PAGE_GPA = 0x7000
@@ -25,10 +25,16 @@ KERNEL_GPA = 0x100000      # bzImage's protected-mode kernel; ELF segments go at
 LOW_RAM_END = 0x9FC00      # conventional memory ends where the EBDA would start
 IDENTITY_MAP = 4 << 30
 
+RESET_VECTOR_GPA = 0xFFFF0  # F000:FFF0, where a PC's BIOS starts after a reset
+# The firmware at the reset vector: `mov al, 1; mov dx, 0x602; out dx, al; hlt; jmp $-1`,
+# real-mode code writing the ACPI reset register (acpi.RESET_PORT, RESET_VALUE).
+RESET_STUB = bytes([0xB0, 0x01, 0xBA, 0x02, 0x06, 0xEE, 0xF4, 0xEB, 0xFD])
+
 E820_RAM = 1
 E820_RESERVED = 2
 
 # boot_params offsets (Documentation/arch/x86/zero-page.rst)
+BP_ACPI_RSDP_ADDR = 0x070
 BP_E820_ENTRIES = 0x1E8
 BP_SETUP_HEADER = 0x1F1
 BP_E820_TABLE = 0x2D0
@@ -61,11 +67,21 @@ def write_long_mode_tables(mem: GuestMemory) -> LongModeEntry:
     return LongModeEntry(PML4_GPA, GDT_GPA, len(_GDT) * 8 - 1)
 
 
-def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
-    """RAM below the EBDA, the legacy hole reserved, RAM from 1 MiB to the end."""
+def write_reset_vector(mem: GuestMemory) -> None:
+    """Firmware for a guest that jumps to the BIOS to reboot: Linux does (BOOT_BIOS,
+    real mode at F000:FFF0) on a hardware-reduced machine without EFI, since it
+    then skips the ACPI reset register. The stub asks for the reset instead."""
+    mem.write(RESET_VECTOR_GPA, RESET_STUB)
+
+
+def e820_map(regions: tuple[Region, ...]) -> list[tuple[int, int, int]]:
+    """RAM below the EBDA, the legacy hole reserved (the ACPI tables live there), RAM
+    from 1 MiB to the MMIO gap, and the RAM above 4 GiB if there is any."""
+    low = regions[0]
     return [(0, LOW_RAM_END, E820_RAM),
             (LOW_RAM_END, KERNEL_GPA - LOW_RAM_END, E820_RESERVED),
-            (KERNEL_GPA, mem_size - KERNEL_GPA, E820_RAM)]
+            (KERNEL_GPA, low.end - KERNEL_GPA, E820_RAM)] + \
+        [(r.gpa, r.size, E820_RAM) for r in regions[1:]]
 
 
 def write_e820(zero_page: bytearray, entries: list[tuple[int, int, int]]) -> None:

@@ -17,7 +17,7 @@ import json
 import os
 import struct
 
-from hostel.bus import HostelError
+from hostel.errors import HostelError
 
 MAX_FRAME = 1 << 20
 _LENGTH = struct.Struct(">I")

@@ -1,7 +1,7 @@
 """The guest manager's errors: each names the guest, file or device at fault."""
 from __future__ import annotations
 
-from hostel.bus import ERROR_PREFIX, HostelError
+from hostel.errors import ERROR_PREFIX, HostelError
 
 
 class GuestError(HostelError):

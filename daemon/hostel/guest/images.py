@@ -13,10 +13,18 @@ written (no absolute names, no ".."), links may not point out of the root,
 and the staging tree is written with *at() calls that never follow a
 symlink, so an earlier layer cannot redirect a later one's writes.
 
-Store layout, under the images directory (the daemon's STATE/images):
-    NAME/rootfs.squashfs   the root file system
-    NAME/config.json       the image configuration, byte for byte as verified
-    NAME/image.json        {"name", "digest", "format", "source"}"""
+Images are named by references as podman names them: NAME[:TAG] or
+NAME@DIGEST, where NAME may start with a registry (localhost:5000/hostel/bb);
+a NAME alone means NAME:latest. The reference is kept as given, tag and all.
+
+Store layout, under the images directory (the daemon's STATE/images), one
+directory per reference with its '/' written as '+' (never in a reference):
+    REF/rootfs.squashfs   the root file system
+    REF/config.json       the image configuration, byte for byte as verified
+    REF/image.json        {"name", "digest", "format", "source", "layers", "imported"}
+
+Imports and pulls are transfers (class Transfer): they report bytes as they
+go, and stop, leaving nothing, when the client that asked goes away."""
 from __future__ import annotations
 
 import errno
@@ -28,20 +36,31 @@ import re
 import secrets
 import shutil
 import stat
+import select
 import subprocess
 import tarfile
+import threading
+import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Literal, Protocol, TypeVar, cast, overload
 
-from hostel.bus import AlreadyExists, HostelError, InvalidArgs, NoSuchObject
+from hostel.errors import AlreadyExists, HostelError, InvalidArgs, NoSuchObject
 from hostel.guest.launchconfig import ImageConfig
 
 ROOTFS = "rootfs.squashfs"
 CONFIG = "config.json"
 INFO = "image.json"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# The reference grammar of docker/distribution (and so of podman and skopeo).
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = rf"{_HOST_PART}(?:\.{_HOST_PART})*(?::[0-9]+)?"
+REFERENCE_RE = re.compile(
+    rf"(?P<name>(?:{_HOST}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?")
+NAME_MAX_CHARS = 255       # docker's limit on the name part
+DEFAULT_TAG = "latest"
 DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -54,7 +73,10 @@ _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
-Progress = Callable[[str, int, int], None]   # (what is happening, done, total)
+# (what is happening, bytes done, bytes in all or 0 when unknown); its result is unused
+Progress = Callable[[str, int, int], object]
+PROGRESS_INTERVAL = 0.1    # seconds between two reports of one transfer
+CANCEL_POLL = 0.2          # seconds a blocked transfer waits before it looks at `cancel`
 
 
 class ImageError(HostelError):
@@ -65,9 +87,95 @@ class CorruptImage(InvalidArgs):
     """The archive is not a well-formed, self-consistent image; nothing was imported."""
 
 
+class Cancelled(HostelError):
+    """The client cancelled the transfer (Ctrl-C, or it went away); nothing was kept."""
+
+    dbus_name = "org.hostel1.Error.Cancelled"
+
+
+class ImageInUse(HostelError):
+    """A running machine or guest runs the image: removing it is refused."""
+
+    dbus_name = "org.hostel1.Error.ImageInUse"
+
+
+@dataclass
+class Transfer:
+    """How one import or pull reports progress and is stopped.
+
+    The event loop sets `cancel` when the client goes away; the worker thread
+    checks it at every chunk and between steps (and kills its child tools), so
+    a cancelled transfer ends within CANCEL_POLL and its staging goes with it."""
+
+    progress: Progress | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    _last: float = 0.0
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the transfer was cancelled (the client was interrupted or went "
+                            "away); nothing was kept")
+
+    def report(self, stage: str, done: int, total: int, force: bool = False) -> None:
+        """Pass a report on, at most every PROGRESS_INTERVAL unless `force`d."""
+        self.check()
+        now = time.monotonic()
+        if self.progress is not None and (force or now - self._last >= PROGRESS_INTERVAL):
+            self._last = now
+            self.progress(stage, done, total)
+
+    def run(self, argv: list[str], what: str, timeout: float, env: dict[str, str] | None = None,
+            tick: Callable[[], object] | None = None,
+            output: IO[bytes] | None = None) -> tuple[int, str]:
+        """Run a tool to its end, killed when the transfer is cancelled or the timeout
+        passes: its exit status and its standard error (stdout goes to `output`, else
+        nowhere). `tick` runs every CANCEL_POLL meanwhile (a pull reports the bytes
+        written so far)."""
+        with subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                              stdout=output if output is not None else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env) as child:
+            assert child.stderr is not None
+            errors = _Drain(child.stderr)
+            deadline = time.monotonic() + timeout
+            while child.poll() is None:
+                if self.cancel.is_set() or time.monotonic() > deadline:
+                    child.kill()
+                    child.wait()
+                    errors.join()
+                    self.check()
+                    raise ImageError(f"{what} took longer than {timeout:.0f} s")
+                if tick is not None:
+                    tick()
+                try:
+                    child.wait(CANCEL_POLL)
+                except subprocess.TimeoutExpired:
+                    pass
+            errors.join()
+            return child.returncode, errors.text
+
+
+class _Drain(threading.Thread):
+    """Reads a child's stderr to its end, so a chatty tool never blocks on a full pipe."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.chunks: list[bytes] = []
+        self.start()
+
+    def run(self) -> None:
+        while chunk := self.stream.read(_CHUNK):
+            if sum(map(len, self.chunks)) < SMALL_FILE_MAX:
+                self.chunks.append(chunk)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+
 @dataclass(frozen=True)
 class ImageInfo:
-    name: str
+    name: str              # the reference, NAME:TAG or NAME@DIGEST
     digest: str
     size: int
     directory: Path
@@ -84,21 +192,49 @@ class ImageInfo:
         return ImageConfig.from_json(json.loads(self.config_path.read_bytes()))
 
 
-def check_name(name: str) -> str:
-    if not NAME_RE.fullmatch(name):
-        raise InvalidArgs(f"invalid image name {name!r}: 1 to 64 letters, digits, '_', '.' "
-                          "and '-', starting with a letter or digit")
-    return name
+def normalize_reference(text: str) -> str:
+    """An image reference as the store keys it: NAME:TAG, NAME@DIGEST or NAME:TAG@DIGEST,
+    with ':latest' added to a bare NAME, as podman does."""
+    match = REFERENCE_RE.fullmatch(text)
+    if match is None or len(match.group("name")) > NAME_MAX_CHARS:
+        raise InvalidArgs(
+            f"invalid image reference {text!r}: expected NAME[:TAG] or NAME@sha256:DIGEST, "
+            "where NAME is lower-case letters and digits ('.', '_' or '-' between them, '/' "
+            "between components, at most 255 characters), optionally after a registry "
+            "HOST[:PORT]/, e.g. localhost:5000/hostel/busybox:1.36")
+    if match.group("tag") is None and match.group("digest") is None:
+        return f"{text}:{DEFAULT_TAG}"
+    return text
+
+
+def reference_basename(reference: str) -> str:
+    """The last path component of a reference, without tag or digest (busybox for
+    localhost:5000/library/busybox:1.36): what a container from it is named after."""
+    match = REFERENCE_RE.fullmatch(reference)
+    name = match.group("name") if match else reference
+    return name.rsplit("/", 1)[-1]
 
 
 def default_name(tag: str) -> str:
-    """A store name from a tag such as docker.io/library/busybox:1.36 (busybox-1.36)."""
-    base = tag.rsplit("/", 1)[-1].replace(":", "-").replace("@", "-")
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "", base).lstrip("._-")[:64]
-    return cleaned or "image"
+    """A store reference from an archive's tag (docker.io/library/busybox:1.36 as is), or
+    from a file name that is not one (My Image.tar: my-image:latest)."""
+    try:
+        return normalize_reference(tag)
+    except InvalidArgs:
+        base = tag.rsplit("/", 1)[-1].lower()
+        cleaned = re.sub(r"[^a-z0-9]+", "-", base).strip("-")[:64]
+        return normalize_reference(cleaned or "image")
+
+
+def _directory_name(reference: str) -> str:
+    return reference.replace("/", "+")
 
 
 # Member names and link targets --------------------------------------------------------
+
+MAX_MEMBER_BYTES = 4095   # PATH_MAX less the terminating NUL
+NAME_MAX = 255
+MAX_MEMBER_DEPTH = 256
 
 def member_path(name: str, archive: str) -> str:
     """A member name as a relative path below the root, or CorruptImage when it leaves it."""
@@ -109,7 +245,25 @@ def member_path(name: str, archive: str) -> str:
     if ".." in parts:
         raise CorruptImage(f"{archive}: member {name!r} contains '..'; refusing an archive "
                            "that writes outside the image root")
+    _check_name_limits(name, parts, archive)
     return "/".join(parts)
+
+
+def _check_name_limits(name: str, parts: list[str], archive: str) -> None:
+    """Names no file system takes, or trees deeper than any image needs (and than the
+    recursion of walking and removing them allows), are refused up front."""
+    shown = name if len(name) <= 80 else f"{name[:60]}...({len(name)} characters)"
+    if len(name.encode(errors="surrogateescape")) > MAX_MEMBER_BYTES:
+        raise CorruptImage(f"{archive}: member {shown!r} has a name longer than "
+                           f"{MAX_MEMBER_BYTES} bytes; refusing the archive")
+    long_part = next((p for p in parts if len(p.encode(errors="surrogateescape")) > NAME_MAX),
+                     None)
+    if long_part is not None:
+        raise CorruptImage(f"{archive}: member {shown!r} has a path component longer than "
+                           f"{NAME_MAX} bytes; refusing the archive")
+    if len(parts) > MAX_MEMBER_DEPTH:
+        raise CorruptImage(f"{archive}: member {shown!r} is {len(parts)} directories deep "
+                           f"(at most {MAX_MEMBER_DEPTH}); refusing the archive")
 
 
 def _check_symlink(path: str, target: str, archive: str) -> None:
@@ -131,13 +285,18 @@ def _check_symlink(path: str, target: str, archive: str) -> None:
 
 # Hashing readers ------------------------------------------------------------------------
 
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class _HashingReader:
     """A read()-only stream that hashes and counts what passes through it."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: _Readable, tick: Callable[[int], object] | None = None) -> None:
         self.raw = raw
         self.hash = hashlib.sha256()
         self.size = 0
+        self.tick = tick          # told how many bytes each read returned
         self._pending = b""
 
     def peek(self, size: int) -> bytes:
@@ -156,6 +315,8 @@ class _HashingReader:
             data = self.raw.read(size)
         self.hash.update(data)
         self.size += len(data)
+        if self.tick is not None:
+            self.tick(len(data))
         return data
 
     def drain(self) -> None:
@@ -175,41 +336,71 @@ def _check_digest(actual: str, expected: str, what: str, archive: str) -> None:
 
 # Archive sources ------------------------------------------------------------------------
 
-class _Source:
-    """The outer archive: a directory or a tar file, read by member name."""
+def _open_regular(path: str, what: str) -> IO[bytes]:
+    """Open a file to read only if it is a regular one: a FIFO or a device named as an
+    image would block the worker reading it (opened non-blocking, checked, then read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidArgs(f"{path} is not a regular file (nor a directory); {what} must be "
+                          "a 'docker save' archive, an OCI layout, or a file in one")
+    return os.fdopen(fd, "rb")
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+
+class _Source:
+    """The outer archive: a directory or a tar file, read by member name. Messages name
+    it by `label` (what the user gave: a path, standard input, a registry reference)."""
+
+    def __init__(self, location: str, label: str | None = None) -> None:
+        self.location = location
+        self.path = label or location
         self._tar: tarfile.TarFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}
-        if os.path.isdir(path):
+        self._file: IO[bytes] | None = None
+        if os.path.isdir(location):
             return
         try:
-            self._tar = tarfile.open(path, "r:*")
+            self._file = _open_regular(location, "the image archive")
+            self._tar = tarfile.open(fileobj=self._file, mode="r:*")
             for member in self._tar.getmembers():
-                self._members[member_path(member.name, path)] = member
+                self._members[member_path(member.name, self.path)] = member
         except (tarfile.TarError, EOFError, OSError) as e:
             self.close()
-            raise CorruptImage(f"{path} is neither a directory nor a readable tar archive "
+            raise CorruptImage(f"{self.path} is neither a directory nor a readable tar archive "
                                f"({e}); pass a 'docker save' archive or an OCI layout") from e
 
     def close(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def exists(self, name: str) -> bool:
         name = member_path(name, self.path)
         if self._tar is None:
-            return os.path.isfile(os.path.join(self.path, name))
+            return os.path.isfile(os.path.join(self.location, name))
         member = self._members.get(name)
         return member is not None and (member.isfile() or member.issym() or member.islnk())
+
+    def size(self, name: str) -> int:
+        """A member's size as stored (0 when unknown: a link, or missing)."""
+        name = member_path(name, self.path)
+        if self._tar is None:
+            try:
+                return os.stat(os.path.join(self.location, name)).st_size
+            except OSError:
+                return 0
+        member = self._members.get(name)
+        return member.size if member is not None and member.isfile() else 0
 
     def open(self, name: str) -> IO[bytes]:
         relative = member_path(name, self.path)
         try:
             if self._tar is None:
-                return open(os.path.join(self.path, relative), "rb")
+                return _open_regular(os.path.join(self.location, relative),
+                                     "an OCI layout file")
             member = self._members.get(relative)
             stream = self._tar.extractfile(member) if member is not None else None
         except (tarfile.TarError, KeyError, OSError) as e:
@@ -243,6 +434,7 @@ class _Layer:
     member: str
     digest: str | None     # of the blob as stored (None: docker's legacy layer.tar names)
     diff_id: str           # of the uncompressed tar, from the config
+    size: int = 0          # of the blob as stored, for progress (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -254,7 +446,10 @@ class _Manifest:
     tag: str | None
 
 
-def _expect(value: object, kind: type, what: str, archive: str) -> object:
+T = TypeVar("T")
+
+
+def _expect(value: object, kind: type[T], what: str, archive: str) -> T:
     if not isinstance(value, kind):
         raise CorruptImage(f"{archive}: {what} is malformed (expected a {kind.__name__})")
     return value
@@ -311,7 +506,8 @@ def _docker_manifest(source: _Source) -> _Manifest:
     for name, diff_id in zip(layer_names, diff_ids):
         name = _expect(name, str, "a layer name", source.path)
         blob = re.fullmatch(r"blobs/sha256/([0-9a-f]{64})", member_path(name, source.path))
-        layers.append(_Layer(name, f"sha256:{blob.group(1)}" if blob else None, diff_id))
+        layers.append(_Layer(name, f"sha256:{blob.group(1)}" if blob else None, diff_id,
+                             source.size(name)))
     tags = entry.get("RepoTags") or []
     return _Manifest("docker-save", config_digest, config, layers,
                      tags[0] if tags and isinstance(tags[0], str) else None)
@@ -349,8 +545,9 @@ def _oci_manifest(source: _Source) -> _Manifest:
     layers = []
     for desc, diff_id in zip(layer_descs, diff_ids):
         desc = _expect(desc, dict, "a layer descriptor", source.path)
+        size = desc.get("size")
         layers.append(_Layer(_blob_name(desc.get("digest"), source.path), desc["digest"],
-                             diff_id))
+                             diff_id, size if isinstance(size, int) and size > 0 else 0))
     tag = (descriptor.get("annotations") or {}).get("org.opencontainers.image.ref.name")
     return _Manifest("oci", descriptor["digest"], config, layers, tag)
 
@@ -392,6 +589,12 @@ class _LayerWriter:
         self.created: set[str] = set()
         self.opaque: list[str] = []
         self.directories: list[tuple[str, tarfile.TarInfo]] = []
+
+    @overload
+    def _parent(self, parent: str) -> int: ...
+
+    @overload
+    def _parent(self, parent: str, create: Literal[False]) -> int | None: ...
 
     def _parent(self, parent: str, create: bool = True) -> int | None:
         """An O_PATH descriptor of a directory below the root, made when missing.
@@ -506,6 +709,7 @@ class _LayerWriter:
                       0o600, dir_fd=fd)
         with os.fdopen(out, "wb") as f:
             data = tar.extractfile(member)
+            assert data is not None, "only regular members come here, and they have data"
             shutil.copyfileobj(data, f, _CHUNK)
             f.flush()
             self._metadata(member, base, fd)
@@ -552,17 +756,19 @@ def _uncompressed(stream: _HashingReader, what: str, archive: str) -> _HashingRe
         raise CorruptImage(f"{archive}: {what} is zstd-compressed, which this host cannot "
                            "read; save the image with gzip or uncompressed layers")
     if magic.startswith(_GZIP_MAGIC):
-        return _HashingReader(gzip.GzipFile(fileobj=stream, mode="rb"))
+        # Read front to back only: the stream needs no seek(), which the stubs ask for.
+        return _HashingReader(gzip.GzipFile(fileobj=cast(IO[bytes], stream), mode="rb"))
     return _HashingReader(stream)
 
 
-def _apply_layer(source: _Source, layer: _Layer, root: str) -> None:
+def _apply_layer(source: _Source, layer: _Layer, root: str,
+                 tick: Callable[[int], object] | None = None) -> None:
     what = f"layer {layer.member}"
     with source.open(layer.member) as raw:
-        blob = _HashingReader(raw)
+        blob = _HashingReader(raw, tick)
         plain = _uncompressed(blob, what, source.path)
         try:
-            with tarfile.open(fileobj=plain, mode="r|") as tar:
+            with tarfile.open(fileobj=cast(IO[bytes], plain), mode="r|") as tar:
                 _LayerWriter(root, source.path).apply(tar)
             plain.drain()
             blob.drain()
@@ -575,17 +781,41 @@ def _apply_layer(source: _Source, layer: _Layer, root: str) -> None:
 
 # The store --------------------------------------------------------------------------------------
 
-def make_squashfs(tree: str, output: str) -> None:
+def make_squashfs(tree: str, output: str, transfer: Transfer | None = None) -> None:
     argv = ["mksquashfs", tree, output, "-noappend", "-no-progress", "-quiet", "-xattrs"]
     try:
-        subprocess.run(argv, check=True, capture_output=True, text=True,
-                       timeout=MKSQUASHFS_TIMEOUT)
+        status, errors = (transfer or Transfer()).run(argv, f"mksquashfs {tree}",
+                                                      MKSQUASHFS_TIMEOUT)
     except FileNotFoundError as e:
         raise ImageError("mksquashfs is not installed; install squashfs-tools") from e
-    except subprocess.CalledProcessError as e:
-        raise ImageError(f"mksquashfs {tree} failed: {e.stderr.strip() or e.returncode}") from e
-    except subprocess.TimeoutExpired as e:
-        raise ImageError(f"mksquashfs {tree} took longer than {MKSQUASHFS_TIMEOUT} s") from e
+    if status != 0:
+        raise ImageError(f"mksquashfs {tree} failed: {errors.strip() or status}")
+
+
+def receive(fd: int, output: Path, size_hint: int, transfer: Transfer) -> None:
+    """Copy a stream (a client's pipe, or a file it opened) into `output`, reporting
+    bytes; it never blocks longer than CANCEL_POLL without looking at `cancel`."""
+    done = 0
+    with open(output, "xb") as out:
+        while True:
+            transfer.report("receiving", done, size_hint)
+            ready, _w, _x = select.select([fd], [], [], CANCEL_POLL)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, _CHUNK)
+            except OSError as e:
+                raise InvalidArgs(f"cannot read the image from the passed stream: "
+                                  f"{e.strerror}") from e
+            if not chunk:
+                break
+            out.write(chunk)
+            done += len(chunk)
+    transfer.report("received", done, done, force=True)
+
+
+def _total_bytes(layers: list[_Layer]) -> int:
+    return sum(layer.size for layer in layers)
 
 
 class ImageStore:
@@ -594,74 +824,116 @@ class ImageStore:
     def __init__(self, images_dir: Path) -> None:
         self.images_dir = images_dir
 
-    def _staging(self) -> Path:
+    def staging(self, kind: str = "import") -> Path:
+        """A hidden directory of the store's own (no reference starts with '.'): the
+        work of one transfer, renamed into place or removed at its end."""
         self.images_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        staging = self.images_dir / f".import-{secrets.token_hex(8)}"
+        staging = self.images_dir / f".{kind}-{secrets.token_hex(8)}"
         staging.mkdir(mode=0o700)
         return staging
 
-    def import_archive(self, path: str, name: str = "",
-                       progress: Progress | None = None) -> ImageInfo:
-        """Import a docker-save archive or OCI layout (directory or tar) as `name`."""
-        report = progress or (lambda what, done, total: None)
+    def import_archive(self, path: str, name: str = "", progress: Progress | None = None,
+                       transfer: Transfer | None = None, label: str | None = None,
+                       source_name: str | None = None) -> ImageInfo:
+        """Import a docker-save archive or OCI layout (directory or tar) as `name` (a
+        reference; by default the archive's tag). `label` names the archive in messages,
+        `source_name` in image.json (both default to the path)."""
+        transfer = transfer or Transfer(progress)
         if name:
-            check_name(name)
+            name = normalize_reference(name)
         if not os.path.exists(path):
             raise InvalidArgs(f"{path} does not exist; pass a 'docker save' archive or an OCI "
                               "image layout")
-        source = _Source(path)
+        source = _Source(path, label)
         staging = None
         try:
             manifest = read_manifest(source)
-            name = name or check_name(default_name(manifest.tag or Path(path).stem))
-            self._refuse_existing(name)
-            staging = self._staging()
-            root = staging / "rootfs"
-            root.mkdir(mode=0o755)
-            total = len(manifest.layers) + 1
-            for number, layer in enumerate(manifest.layers, 1):
-                report(f"applying layer {layer.diff_id[:19]}", number - 1, total)
-                _apply_layer(source, layer, str(root))
-            report("building the squashfs image", total - 1, total)
-            make_squashfs(str(root), str(staging / ROOTFS))
-            shutil.rmtree(root)
+            name = name or default_name(manifest.tag or Path(path).stem)
+            self.refuse_existing(name)
+            staging = self.staging()
+            self._unpack(source, manifest, staging, transfer)
             (staging / CONFIG).write_bytes(manifest.config)
             (staging / INFO).write_text(json.dumps({
                 "name": name, "digest": manifest.digest, "format": manifest.format,
-                "source": os.path.abspath(path)}))
+                "source": source_name or os.path.abspath(path),
+                "layers": [layer.digest or layer.diff_id for layer in manifest.layers],
+                "imported": int(time.time())}))
+            transfer.check()
             self._publish(staging, name)
             staging = None
-            report("imported", total, total)
+            total = _total_bytes(manifest.layers)
+            transfer.report("imported", total, total, force=True)
         finally:
             source.close()
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
         return self.get(name)
 
-    def _refuse_existing(self, name: str) -> None:
-        if (self.images_dir / name).exists():
+    @staticmethod
+    def _unpack(source: _Source, manifest: _Manifest, staging: Path, transfer: Transfer) -> None:
+        """The layers applied in order (bytes reported as read), packed into the squashfs."""
+        root = staging / "rootfs"
+        root.mkdir(mode=0o755)
+        total = _total_bytes(manifest.layers)
+        before = 0   # bytes of the layers applied already
+        for layer in manifest.layers:
+            stage = f"applying layer {layer.diff_id[:19]}"
+            read = 0
+
+            def tick(count: int, stage: str = stage, start: int = before,
+                     size: int = layer.size) -> None:
+                nonlocal read
+                read += count
+                transfer.report(stage, start + min(read, size), total)
+
+            transfer.report(stage, before, total, force=True)
+            _apply_layer(source, layer, str(root), tick)
+            before += layer.size
+        transfer.report("building the squashfs image", total, total, force=True)
+        make_squashfs(str(root), str(staging / ROOTFS), transfer)
+        shutil.rmtree(root)
+
+    def import_stream(self, fd: int, name: str, size_hint: int, transfer: Transfer,
+                      label: str = "standard input") -> ImageInfo:
+        """Import a tar read from `fd` (a pipe from the client): spooled into the store's
+        own staging first, since an archive's members are read in manifest order."""
+        if name:
+            self.refuse_existing(normalize_reference(name))
+        staging = self.staging("receive")
+        try:
+            archive = staging / "archive.tar"
+            receive(fd, archive, size_hint, transfer)
+            return self.import_archive(str(archive), name, transfer=transfer, label=label,
+                                       source_name=label)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def refuse_existing(self, name: str) -> None:
+        if (self.images_dir / _directory_name(name)).exists():
             raise AlreadyExists(f"an image named {name!r} exists already; remove it first "
                                 f"('hostelctl image remove {name}') or pick another name")
 
     def _publish(self, staging: Path, name: str) -> None:
         try:
-            os.rename(staging, self.images_dir / name)   # fails on a non-empty target
+            # fails on a non-empty target
+            os.rename(staging, self.images_dir / _directory_name(name))
         except OSError as e:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise AlreadyExists(f"an image named {name!r} was imported meanwhile; "
                                     "remove it first or pick another name") from None
-            raise ImageError(f"cannot move the imported image into {self.images_dir / name}: "
+            raise ImageError(f"cannot move the imported image into {self.images_dir}: "
                              f"{e.strerror}") from e
 
-    def get(self, name: str) -> ImageInfo:
-        check_name(name)
-        directory = self.images_dir / name
+    def get(self, given: str) -> ImageInfo:
+        """The image `given` names (NAME is NAME:latest); errors repeat it as given."""
+        name = normalize_reference(given)
+        directory = self.images_dir / _directory_name(name)
         try:
             info = json.loads((directory / INFO).read_text())
             size = (directory / ROOTFS).stat().st_size
         except FileNotFoundError:
-            raise NoSuchObject(f"no image named {name!r}; 'hostelctl image list' shows the "
-                               "imported images") from None
+            raise NoSuchObject(f"no image named {given!r}; 'hostelctl image list' shows the "
+                               "imported images, 'hostelctl image pull' fetches one") from None
         except ValueError as e:
             raise ImageError(f"image {name!r}: {directory / INFO} is damaged ({e}); remove and "
                              "import the image again") from e
@@ -669,16 +941,46 @@ class ImageStore:
 
     def list(self) -> list[ImageInfo]:
         try:
-            names = sorted(n for n in os.listdir(self.images_dir) if NAME_RE.fullmatch(n))
+            entries = sorted(n for n in os.listdir(self.images_dir) if not n.startswith("."))
         except FileNotFoundError:
             return []
-        return [info for info in (self._maybe(n) for n in names) if info is not None]
+        return [info for info in (self._maybe(n.replace("+", "/")) for n in entries)
+                if info is not None]
 
     def _maybe(self, name: str) -> ImageInfo | None:
         try:
             return self.get(name)
-        except NoSuchObject:
+        except (NoSuchObject, InvalidArgs):   # a stray file, or a half-removed image
             return None
+
+    def inspect(self, name: str) -> dict[str, object]:
+        """What `podman image inspect` shows of an image, from what the store kept."""
+        info = self.get(name)
+        config_bytes = info.config_path.read_bytes()
+        try:
+            record = json.loads((info.directory / INFO).read_text())
+            doc = json.loads(config_bytes)
+        except ValueError as e:
+            raise ImageError(f"image {info.name!r} is damaged ({e}); remove and import it "
+                             "again") from e
+        config = doc.get("config") or {}
+        rootfs = doc.get("rootfs") or {}
+        return {
+            "Id": hashlib.sha256(config_bytes).hexdigest(),
+            "Digest": info.digest,
+            "RepoTags": [info.name],
+            "Created": doc.get("created") or "",
+            "Architecture": doc.get("architecture") or "",
+            "Os": doc.get("os") or "",
+            "Config": {key: config.get(key) for key in
+                       ("Env", "Entrypoint", "Cmd", "WorkingDir", "User")},
+            "Size": info.size,
+            "Layers": record.get("layers") or list(rootfs.get("diff_ids") or []),
+            "RootFS": {"Type": rootfs.get("type", "layers"),
+                       "Layers": list(rootfs.get("diff_ids") or [])},
+            "Source": record.get("source", ""),
+            "Imported": record.get("imported", 0),
+        }
 
     def remove(self, name: str) -> None:
         info = self.get(name)

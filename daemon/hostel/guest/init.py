@@ -42,7 +42,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hostel import native
-from hostel.bus import HostelError
+from hostel.errors import HostelError
 from hostel.guest import channel
 from hostel.guest.launchconfig import (ImageConfig, LaunchRequest, NetworkConfig, Process,
                                        build_process)
@@ -224,8 +224,8 @@ class GuestInit:
 
     # Run and supervise -----------------------------------------------------------------
 
-    def fork_and_exec(self, process: Process, cgroup: str | None) -> int:
-        identity = resolve_identity(process.user)
+    def fork_and_exec(self, process: Process, cgroup: str | None,
+                      identity: users.UserIds) -> int:
         pid = os.fork()
         if pid == 0:
             _foreground(process, cgroup, identity)
@@ -265,19 +265,21 @@ class GuestInit:
         self.open_channel()
         self.mount_squashfs_images()
         image, launch = self.read_configs()
-        ipr = IPRoute() if launch.network is not None else None
+        ipr = IPRoute()
         try:
             new_root = self.mount_new_root()
             self.bind_new_root(new_root)
             self.set_hostname(launch)
             if launch.network is not None:
                 self.network_setup(launch.network, ipr)
+            else:   # loopback only, as a container without a network has it
+                loopback_up(ipr)
         finally:
-            if ipr is not None:
-                ipr.close()
-        process = build_process(image, launch, os.path.isfile)
+            ipr.close()
+        identity = resolve_identity(image.user)
+        process = build_process(image, launch, os.path.isfile, identity.home)
         cgroup = self.init_cgroup()
-        code = self.supervise(self.fork_and_exec(process, cgroup))
+        code = self.supervise(self.fork_and_exec(process, cgroup, identity))
         self.send({"type": "exit", "code": code})
         self.stop_the_rest()
         if cgroup is not None:
@@ -285,11 +287,15 @@ class GuestInit:
         return code
 
 
-def configure_link(network: NetworkConfig, ipr: IPRoute, log) -> None:
-    """Loopback up; address, link up and default route for IPv4, then IPv6 (warnings only)."""
+def loopback_up(ipr: IPRoute) -> None:
     lo = ipr.link_lookup(ifname="lo")
     if lo:
         ipr.link("set", index=lo[0], state="up")
+
+
+def configure_link(network: NetworkConfig, ipr: IPRoute, log) -> None:
+    """Loopback up; address, link up and default route for IPv4, then IPv6 (warnings only)."""
+    loopback_up(ipr)
     found = ipr.link_lookup(ifname=network.link)
     if not found:
         log("warning", f"no network link named {network.link}; the guest has no network")
@@ -363,8 +369,8 @@ def _group_id(name: str, groups: bytes) -> int:
 
 
 def _foreground(process: Process, cgroup: str | None, identity: users.UserIds) -> None:
-    """The task's side of the fork: never returns."""
-    code = EXIT_CANNOT_RUN
+    """The task's side of the fork: never returns. A missing executable is 127, one that
+    cannot be executed 126, said as the container isolation says it (images_service)."""
     try:
         os.setsid()
         if os.isatty(0):
@@ -375,16 +381,19 @@ def _foreground(process: Process, cgroup: str | None, identity: users.UserIds) -
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
         os.chdir(process.cwd)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        code = EXIT_NOT_FOUND
+        # Python ignores both at start-up, and ignored signals survive execve:
+        # the task must get the defaults, as the static init's task does.
+        for number in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(number, signal.SIG_DFL)
+    except OSError as e:
+        print(f"hostel-init: cannot start {process.path} ({' '.join(process.argv)}) in "
+              f"{process.cwd}: {e.strerror}", file=sys.stderr, flush=True)
+        os._exit(EXIT_CANNOT_RUN)
+    try:
         os.execve(process.path, process.argv, process.env)
     except OSError as e:
-        print(f"hostel-init: cannot run {process.path} ({' '.join(process.argv)}) in "
-              f"{process.cwd}: {e.strerror}", file=sys.stderr, flush=True)
-        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-            code = EXIT_CANNOT_RUN
-    finally:
-        os._exit(code)
+        print(f"hostel: cannot run {process.path}: {e.strerror}", file=sys.stderr, flush=True)
+        os._exit(EXIT_NOT_FOUND if e.errno in (errno.ENOENT, errno.ENOTDIR) else EXIT_CANNOT_RUN)
 
 
 def power_off(code: int) -> None:

@@ -3,9 +3,13 @@
 Both isolation modes use this module: the guest init (inside a VM) and the
 container runner (on the host). The rules are the seed's `run`: the request's
 command replaces the image's Cmd, the Entrypoint goes in front, /bin/sh is
-the last resort; the environment is the image's, then the request's, then
-TERM and a marker; the executable is looked up through PATH inside the
+the last resort; the executable is looked up through PATH inside the
 guest's root; the working directory defaults to "/".
+
+The environment is the same in both isolations, and nothing else (what
+podman gives): PATH (a default), HOSTNAME, HOME (the image user's home in
+the guest's /etc/passwd) and TERM only when the client is on a terminal;
+over those the image's Env, over that the request's --env.
 
 The launch request also travels to a VM as launch.json on the config device
 (to_json/from_json), so everything in it is validated on the way in and
@@ -21,11 +25,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hostel.bus import InvalidArgs
+from hostel.errors import InvalidArgs
 
 DEFAULT_SHELL = "/bin/sh"
-DEFAULT_TERM = "vt100"
-MARKER = "HOSTEL_GUEST"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME_MAX = 64
 ISOLATIONS = ("container", "vm")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -160,6 +163,11 @@ class LaunchRequest:
     hostname: str | None = None
     network: NetworkConfig | None = None
     isolation: str = "container"
+    terminal: str | None = None    # the client's TERM when it is on a terminal
+    # A benchmark's: hostel's static init writes the boot marker (123 to port 0x3f0,
+    # timestamped by the launcher) right before it executes the task. Never set by
+    # hosteld; the reference init (init.py, which runs on hosts) ignores it.
+    boot_marker: bool = False
 
     def __post_init__(self) -> None:
         if self.command is not None:
@@ -169,6 +177,12 @@ class LaunchRequest:
             _text(value, f"environment variable {key}")
         if self.hostname is not None:
             check_hostname(self.hostname)
+        if self.terminal is not None and (not _text(self.terminal, "terminal") or
+                                          "=" in self.terminal):
+            raise InvalidArgs(f"invalid terminal type {self.terminal!r}: a TERM value such as "
+                              "xterm-256color")
+        if not isinstance(self.boot_marker, bool):
+            raise InvalidArgs(f"boot_marker must be true or false, got {self.boot_marker!r}")
         if self.isolation not in ISOLATIONS:
             raise InvalidArgs(f"unknown isolation {self.isolation!r}: expected "
                               f"{' or '.join(ISOLATIONS)}")
@@ -180,7 +194,8 @@ class LaunchRequest:
             "ipv6": {"address": self.network.ipv6_address, "gateway": self.network.ipv6_gateway},
             "resolver": {"nameservers": list(self.network.nameservers)}}
         return json.dumps({"run": self.command, "env": self.env, "hostname": self.hostname,
-                           "network": network, "isolation": self.isolation}, indent=1)
+                           "network": network, "isolation": self.isolation,
+                           "terminal": self.terminal, "boot_marker": self.boot_marker}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> LaunchRequest:
@@ -208,7 +223,8 @@ class LaunchRequest:
         command = doc.get("run")
         return cls(command=None if command is None else _text_list(command, "command"),
                    env=env, hostname=doc.get("hostname"), network=network,
-                   isolation=doc.get("isolation", "container"))
+                   isolation=doc.get("isolation", "container"), terminal=doc.get("terminal"),
+                   boot_marker=doc.get("boot_marker", False))
 
 
 # The answer ----------------------------------------------------------------------------
@@ -244,16 +260,27 @@ def resolve_executable(env: dict[str, str], name: str, is_file: Callable[[str], 
     return name
 
 
+def environment(image: ImageConfig, request: LaunchRequest, home: str) -> dict[str, str]:
+    """PATH, HOSTNAME, HOME, TERM (on a terminal), then the image's Env, then the request's."""
+    env = {"PATH": DEFAULT_PATH}
+    if request.hostname:
+        env["HOSTNAME"] = request.hostname
+    env["HOME"] = home
+    if request.terminal:
+        env["TERM"] = request.terminal
+    env.update(parse_env_list(image.env, "image Env"))
+    env.update(request.env)
+    return env
+
+
 def build_process(image: ImageConfig, request: LaunchRequest,
-                  is_file: Callable[[str], bool]) -> Process:
+                  is_file: Callable[[str], bool], home: str) -> Process:
+    """home: the image user's home directory in the guest's /etc/passwd (see environment)."""
     command = list(image.cmd) if request.command is None else list(request.command)
     command = list(image.entrypoint) + command
     if not command:
         command = [DEFAULT_SHELL]
-    env = parse_env_list(image.env, "image Env")
-    env.update(request.env)
-    env[MARKER] = "1"
-    env["TERM"] = DEFAULT_TERM
+    env = environment(image, request, home)
     path = resolve_executable(env, command[0], is_file)
     argv = [posixpath.basename(path) or path] + command[1:]
     cwd = image.working_dir or "/"

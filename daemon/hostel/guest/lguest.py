@@ -126,13 +126,15 @@ class LguestBackend:
 
     def run(self, entry: int, zero_page: int, tables: LongModeEntry,
             mmio: MmioHandler) -> GuestExit:
+        if self._mem is None:
+            raise GuestError("the lguest backend runs a guest only after setup(memory)")
         base = int(ffi.cast("uintptr_t", self._mem.host))  # the launcher's view of guest memory
         self._request(initialize(base, self._mem.size, entry))
         while not self._stop.is_set():
             try:
                 result = interpret_run(os.pread(self._fd, WORD, 0))
             except OSError as e:
-                result = interpret_run(None, e.errno)
+                result = interpret_run(None, e.errno or 0)  # a failed read always sets errno
             if result.kind == "dead":
                 why = os.pread(self._fd, 1024, 0).rstrip(b"\0").decode(errors="replace")
                 return GuestExit("shutdown", 0, f"the guest died: {why}")

@@ -6,11 +6,12 @@ protocol says. Everything read from the file is checked before it is used,
 so a malformed kernel is refused with a message, never loaded half-way."""
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostel.guest import boot
+from hostel.guest import boot, hostfiles
 from hostel.guest.errors import BadKernel
 from hostel.guest.memory import PAGE, GuestMemory
 
@@ -50,11 +51,26 @@ class LoadedKernel:
     initrd_max: int = 0xFFFFFFFF
 
 
-def _read_file(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise BadKernel(f"cannot read kernel {path}: {e.strerror}") from e
+def read_sized(path: Path, label: str, room: int, room_text: str) -> bytes:
+    """The whole of a kernel or initrd file, once fstat said it fits in `room`
+    bytes: a huge (sparse) file is refused before a byte of it is read, and a
+    FIFO, directory or device (/dev/zero never ends) is refused unread."""
+    fd = hostfiles.open_checked(path, os.O_RDONLY, hostfiles.REGULAR, label,
+                                f"the {label} as a regular file", error=BadKernel)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > room:
+            raise BadKernel(f"the {label} {path} is {_size_text(size)}; {room_text} "
+                            f"({_size_text(room)}): give the guest more memory or pass a "
+                            f"smaller {label}")
+        try:
+            return f.read(size)
+        except OSError as e:
+            raise BadKernel(f"cannot read the {label} {path}: {e.strerror}") from e
+
+
+def _size_text(size: int) -> str:
+    return f"{size} bytes ({size / (1 << 20):.1f} MiB)"
 
 
 def looks_like_elf(data: bytes) -> bool:
@@ -84,9 +100,10 @@ def load_elf(mem: GuestMemory, data: bytes, name: str) -> LoadedKernel:
         if filesz > memsz or offset + filesz > len(data):
             raise BadKernel(f"{name}: segment {i} is truncated (file size {filesz:#x} at "
                             f"offset {offset:#x}, memory size {memsz:#x})")
-        if paddr < boot.KERNEL_GPA or paddr + memsz > mem.size:
+        low_end = mem.regions[0].end
+        if paddr < boot.KERNEL_GPA or paddr + memsz > low_end:
             raise BadKernel(f"{name}: segment {i} at {paddr:#x}+{memsz:#x} lies outside guest "
-                            f"memory {boot.KERNEL_GPA:#x}..{mem.size:#x}; give the guest more "
+                            f"memory {boot.KERNEL_GPA:#x}..{low_end:#x}; give the guest more "
                             "memory or link the kernel at 1 MiB or above")
         loads.append((Segment(paddr, filesz, memsz), offset))
     segments = tuple(seg for seg, _offset in loads)
@@ -148,15 +165,15 @@ def load_bzimage(mem: GuestMemory, data: bytes, name: str) -> LoadedKernel:
     header = parse_setup_header(data, name)
     kernel = data[header.kernel_offset:]
     needed = max(len(kernel), header.init_size)
-    if boot.KERNEL_GPA + needed > mem.size:
+    if boot.KERNEL_GPA + needed > mem.regions[0].end:
         raise BadKernel(f"{name}: the kernel needs {needed >> 20} MiB from 1 MiB on; "
-                        f"guest memory is {mem.size >> 20} MiB; give it more")
+                        f"guest memory is {mem.ram_size >> 20} MiB; give it more")
     mem.write(boot.KERNEL_GPA, kernel)
     zero_page = bytearray(PAGE)
     zero_page[boot.BP_SETUP_HEADER:header.header_end] = data[boot.BP_SETUP_HEADER:header.header_end]
     zero_page[0x210] = LOADER_TYPE_UNDEFINED
     zero_page[0x211] = header.loadflags | LOADFLAG_LOADED_HIGH | LOADFLAG_CAN_USE_HEAP
-    boot.write_e820(zero_page, boot.e820_map(mem.size))
+    boot.write_e820(zero_page, boot.e820_map(mem.regions))
     mem.write(boot.ZERO_PAGE_GPA, zero_page)
     return LoadedKernel("bzimage", boot.KERNEL_GPA + BZ_ENTRY_64_OFFSET, boot.ZERO_PAGE_GPA,
                         (Segment(boot.KERNEL_GPA, len(kernel), needed),), protocol=header.protocol,
@@ -166,18 +183,21 @@ def load_bzimage(mem: GuestMemory, data: bytes, name: str) -> LoadedKernel:
 
 def load_kernel(mem: GuestMemory, path: Path) -> LoadedKernel:
     """ELF or bzImage, decided by the file's magic."""
-    data = _read_file(path)
+    data = read_sized(path, "kernel", mem.ram_size,
+                      f"guest memory is {mem.ram_size >> 20} MiB")
     if looks_like_elf(data):
         return load_elf(mem, data, str(path))
     return load_bzimage(mem, data, str(path))
 
 
 def finish_boot_params(mem: GuestMemory, kernel: LoadedKernel, cmdline: str,
-                       initrd: Path | None) -> None:
-    """Command line, initrd and (for ELF kernels) the e820 map into the zero page."""
+                       initrd: Path | None, rsdp: int = 0) -> None:
+    """Command line, initrd, the ACPI RSDP's address and (for ELF kernels) the e820
+    map into the zero page."""
     zero_page = bytearray(mem.read(kernel.zero_page, PAGE))
     if kernel.kind == "elf":
-        boot.write_e820(zero_page, boot.e820_map(mem.size))
+        boot.write_e820(zero_page, boot.e820_map(mem.regions))
+    struct.pack_into("<Q", zero_page, boot.BP_ACPI_RSDP_ADDR, rsdp)
     struct.pack_into("<I", zero_page, 0x228, boot.write_command_line(mem, cmdline, kernel.cmdline_limit))
     if initrd is not None:
         gpa, size = load_initrd(mem, kernel, initrd)
@@ -186,15 +206,15 @@ def finish_boot_params(mem: GuestMemory, kernel: LoadedKernel, cmdline: str,
 
 
 def load_initrd(mem: GuestMemory, kernel: LoadedKernel, path: Path) -> tuple[int, int]:
-    """The initrd at the top of memory, page-aligned, as the lguest launcher placed it."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BadKernel(f"cannot read initrd {path}: {e.strerror}") from e
-    size = len(data)
-    top = min(mem.size, kernel.initrd_max + 1)
-    gpa = (top - size) & ~(PAGE - 1)
+    """The initrd at the top of the RAM below the MMIO gap (and below the kernel's
+    initrd_addr_max), page-aligned, as the lguest launcher placed it."""
+    top = min(mem.regions[0].end, kernel.initrd_max + 1)
     kernel_end = max(s.gpa + s.mem_size for s in kernel.segments)
+    data = read_sized(path, "initrd", max(top - kernel_end, 0),
+                      f"guest memory ({mem.ram_size >> 20} MiB) has room for that much "
+                      f"between the kernel (ends at {kernel_end:#x}) and {top:#x}")
+    size = len(data)
+    gpa = (top - size) & ~(PAGE - 1)
     if size == 0 or gpa < kernel_end:
         raise BadKernel(f"initrd {path} ({size} bytes) does not fit between the kernel "
                         f"(ends at {kernel_end:#x}) and the top of memory {top:#x}; "

@@ -2,9 +2,18 @@
 
 The guest reaches these registers through MMIO exits; only queue
 notifications bypass them (an ioeventfd per queue), so nothing here is on
-the data path. When the driver marks a queue ready, the transport builds the
-C virtqueue, wires its kick and call eventfds into KVM and starts its
-worker; a reset stops them all."""
+the data path.
+
+The device status follows the spec's initialization order, as Firecracker's
+MmioTransport enforces it: ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK, each
+write keeping the bits already set (several may arrive in one write, in
+order); FAILED may be set at any time and 0 resets. Any other write is
+rejected (the status stays as it was, and the rejection is counted). Driver
+features are writable only between DRIVER and FEATURES_OK, queue registers
+only between FEATURES_OK and DRIVER_OK. When the driver marks a queue ready
+the transport checks its layout and wires its kick eventfd into KVM; the
+workers start at DRIVER_OK, when the driver may use the device. A reset
+stops them all."""
 from __future__ import annotations
 
 import os
@@ -34,10 +43,20 @@ QUEUE_DESC_LOW, QUEUE_DESC_HIGH = 0x080, 0x084
 QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH = 0x090, 0x094
 QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH = 0x0A0, 0x0A4
 CONFIG_GENERATION = 0x0FC
+QUEUE_REGISTERS = frozenset({QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH,
+                             QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW,
+                             QUEUE_DEVICE_HIGH})
 CONFIG = 0x100
 
+S_ACKNOWLEDGE = 1
+S_DRIVER = 2
+S_DRIVER_OK = 4
 S_FEATURES_OK = 8
 S_DEVICE_NEEDS_RESET = 0x40
+S_FAILED = 0x80
+# The statuses a driver passes through, in order.
+STATUS_STEPS = (S_ACKNOWLEDGE, S_ACKNOWLEDGE | S_DRIVER, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK,
+                S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK)
 F_RING_EVENT_IDX = 1 << 29
 ISR_CONFIG = 2
 
@@ -49,8 +68,8 @@ class QueueState:
     desc: int = 0
     driver: int = 0
     device: int = 0
-    worker: Worker | None = None
-    control_vq: Virtqueue | None = None   # a console control queue, served in Python
+    vq: Virtqueue | None = None           # built when the driver marks the queue ready
+    worker: Worker | None = None          # started at DRIVER_OK
     kick_fd: int = -1
 
 
@@ -70,6 +89,7 @@ class MmioDevice:
     queue_sel: int = 0
     queues: list[QueueState] = field(default_factory=list)
     call_fd: int = -1
+    rejected_writes: int = 0   # status transitions and register writes out of order
 
     def __post_init__(self) -> None:
         self.queues = [QueueState() for _ in self.device.queues]
@@ -84,8 +104,7 @@ class MmioDevice:
 
     @property
     def broken(self) -> bool:
-        return any((q.worker is not None and q.worker.vq.broken)
-                   or (q.control_vq is not None and q.control_vq.broken) for q in self.queues)
+        return any(q.vq is not None and q.vq.broken for q in self.queues)
 
     # register access ------------------------------------------------------------
 
@@ -128,19 +147,31 @@ class MmioDevice:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES_SEL:
             self.driver_features_sel = value
-        elif offset == DRIVER_FEATURES and self.driver_features_sel < 2:
-            shift = 32 * self.driver_features_sel
-            self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | value << shift
+        elif offset == DRIVER_FEATURES:
+            self._write_features(value)
         elif offset == QUEUE_SEL:
             self.queue_sel = value
         elif offset == INTERRUPT_ACK:
             lib.hostel_isr_ack(self.isr, value)
         elif offset == STATUS:
             self._set_status(value)
+        elif queue is not None and offset == QUEUE_READY and value == 0:
+            self._stop_queue(queue)     # always: Linux deactivates queues it deletes
+        elif offset in QUEUE_REGISTERS and not self._in_step(S_FEATURES_OK, S_DRIVER_OK):
+            self.rejected_writes += 1   # queues are set up after FEATURES_OK, before DRIVER_OK
         elif queue is not None and not queue.ready:
             self._write_queue(queue, offset, value)
-        elif queue is not None and offset == QUEUE_READY and value == 0:
-            self._stop_queue(queue)
+
+    def _in_step(self, done: int, not_yet: int) -> bool:
+        """Whether the driver has set `done` but neither `not_yet` nor FAILED."""
+        return bool(self.status & done) and not self.status & (not_yet | S_FAILED)
+
+    def _write_features(self, value: int) -> None:
+        if not self._in_step(S_DRIVER, S_FEATURES_OK) or self.driver_features_sel >= 2:
+            self.rejected_writes += 1   # features are negotiated after DRIVER, before FEATURES_OK
+            return
+        shift = 32 * self.driver_features_sel
+        self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | value << shift
 
     def _write_queue(self, queue: QueueState, offset: int, value: int) -> None:
         low = {QUEUE_DESC_LOW: "desc", QUEUE_DRIVER_LOW: "driver", QUEUE_DEVICE_LOW: "device"}
@@ -154,7 +185,7 @@ class MmioDevice:
             name = high[offset]
             setattr(queue, name, (getattr(queue, name) & 0xFFFFFFFF) | value << 32)
         elif offset == QUEUE_READY and value == 1:
-            self._start_queue(queue)
+            self._ready_queue(queue)
 
     def _queue(self) -> QueueState | None:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
@@ -163,43 +194,62 @@ class MmioDevice:
         if value == 0:
             self.reset()
             return
-        if value & S_FEATURES_OK and not self.status & S_FEATURES_OK:
-            if self.driver_features & ~self.device.features:
-                value &= ~S_FEATURES_OK  # the driver asked for what we never offered
+        if value & S_FAILED:
+            self.status |= S_FAILED   # the driver gave up on the device; a reset follows
+            return
+        if value not in STATUS_STEPS or value & self.status != self.status \
+                or self.status & S_FAILED:
+            self.rejected_writes += 1  # out of order, or clearing bits without a reset
+            return
+        added = value & ~self.status
+        if added & S_FEATURES_OK and self.driver_features & ~self.device.features:
+            # the driver asked for what we never offered: FEATURES_OK stays clear
+            value &= ~(S_FEATURES_OK | S_DRIVER_OK)
+            added &= ~(S_FEATURES_OK | S_DRIVER_OK)
         self.status = value
+        if added & S_DRIVER_OK:
+            for queue in self.queues:
+                if queue.ready:
+                    self._activate_queue(queue)
 
     # queues -----------------------------------------------------------------------
 
-    def _start_queue(self, queue: QueueState) -> None:
+    def _ready_queue(self, queue: QueueState) -> None:
+        """The driver set the queue up: check its layout and wire its kick (the
+        kicks accumulate in the eventfd until the worker starts)."""
         index = self.queues.index(queue)
-        kind, io_fd = self.device.queues[index]
         num = queue.num if 0 < queue.num <= QUEUE_MAX else 0  # 0: refused as a bad layout
         layout = RingLayout(num, queue.desc, queue.driver, queue.device)
-        vq = Virtqueue(self.mem, layout, bool(self.driver_features & F_RING_EVENT_IDX))
+        queue.vq = Virtqueue(self.mem, layout, bool(self.driver_features & F_RING_EVENT_IDX))
         queue.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.backend.add_notify(self.base + QUEUE_NOTIFY, index, queue.kick_fd)
         queue.ready = True
-        if kind in (CONTROL_RX, CONTROL_TX):
-            if vq.broken:
-                self._signal_broken()
-            else:
-                queue.control_vq = vq
-                self.device.control.start_queue(kind == CONTROL_RX, vq, queue.kick_fd,
-                                                self.call_fd, self.isr)
+        if queue.vq.broken:
+            self._signal_broken()
+
+    def _activate_queue(self, queue: QueueState) -> None:
+        """DRIVER_OK: start serving a ready queue (a broken one stays idle)."""
+        vq = queue.vq
+        if vq is None or vq.broken:
+            return
+        index = self.queues.index(queue)
+        kind, io_fd = self.device.queues[index]
+        control = self.device.control
+        if control is not None and kind in (CONTROL_RX, CONTROL_TX):
+            # a console control queue, served in Python
+            control.start_queue(kind == CONTROL_RX, vq, queue.kick_fd, self.call_fd, self.isr)
             return
         queue.worker = Worker(vq, kind, queue.kick_fd, self.call_fd, io_fd,
                               readonly=self.device.readonly, capacity=self.device.capacity,
                               serial=self.device.serial, isr=self.isr)
-        if vq.broken:
-            self._signal_broken()
-            return
         queue.worker.start(f"vq-{self.device.name}-{index}")
-        os.eventfd_write(queue.kick_fd, 1)  # serve whatever the driver queued before ready
+        os.eventfd_write(queue.kick_fd, 1)  # serve whatever the driver queued before DRIVER_OK
 
     def _stop_queue(self, queue: QueueState) -> None:
         if queue.worker is not None:
             queue.worker.stop()
             queue.worker = None
+        queue.vq = None
         if queue.kick_fd >= 0:
             self.backend.remove_notify(self.base + QUEUE_NOTIFY, self.queues.index(queue),
                                        queue.kick_fd)

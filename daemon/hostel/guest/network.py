@@ -1,5 +1,7 @@
 """virtio-net's host side: a tap device (with virtio-net headers) configured
-with the address the seed's --tunnet gives, or enslaved to a bridge."""
+with the address the seed's --tunnet gives (or a guest run's, run_network.py),
+or enslaved to a bridge. The tap is not persistent: it goes when the launcher,
+its only holder, ends, however it ends."""
 from __future__ import annotations
 
 import fcntl
@@ -47,6 +49,13 @@ def mac_bytes(spec: NetSpec, index: int) -> bytes:
     return bytes([0x02, 0x68, 0x73]) + os.getrandom(2) + bytes([index & 0xFF])
 
 
+def host_address(spec: NetSpec) -> tuple[str, int]:
+    """The tap's address: the seed's --tunnet gives a bare one (a /24, as lguest's did);
+    `guest run --network=veth` gives ADDRESS/PREFIX, its run's point-to-point /30."""
+    address, _, prefix = spec.address.partition("/")
+    return address, int(prefix) if prefix else HOST_PREFIX
+
+
 def configure_tap(name: str, spec: NetSpec) -> None:
     with IPRoute() as ipr:
         try:
@@ -58,7 +67,8 @@ def configure_tap(name: str, spec: NetSpec) -> None:
                                      "create it first")
                 ipr.link("set", index=link, master=bridges[0])
             else:
-                ipr.addr("add", index=link, address=spec.address, prefixlen=HOST_PREFIX)
+                address, prefix = host_address(spec)
+                ipr.addr("add", index=link, address=address, prefixlen=prefix)
             ipr.link("set", index=link, state="up")
         except NetlinkError as e:
             raise GuestError(f"cannot configure tap {name} ({spec.bridge or spec.address}): "

@@ -9,11 +9,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostel.bus import InvalidArgs
+from hostel.errors import InvalidArgs
 
 MIN_MEMORY_MB = 2
 MAX_MEMORY_MB = 1 << 20
 BACKENDS = ("kvm", "lguest")
+MAX_CPUS = 254
+ON_REBOOT = ("exit", "restart")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -48,11 +50,17 @@ class GuestSettings:
     chroot: Path | None = None
     username: str = ""
     verbose: bool = False
+    cpus: int = 1
+    on_reboot: str = "exit"     # a guest reboot ends it ("exit") or boots it again ("restart")
 
     def __post_init__(self) -> None:
         if not MIN_MEMORY_MB <= self.memory_mb <= MAX_MEMORY_MB:
             raise InvalidArgs(f"memory {self.memory_mb} MB is out of range "
                               f"({MIN_MEMORY_MB}..{MAX_MEMORY_MB} MB)")
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise InvalidArgs(f"{self.cpus} vCPUs is out of range (1..{MAX_CPUS})")
+        if self.on_reboot not in ON_REBOOT:
+            raise InvalidArgs(f"--on-reboot={self.on_reboot}: use one of {', '.join(ON_REBOOT)}")
         if self.backend not in BACKENDS:
             raise InvalidArgs(f"unknown backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         paths = [("kernel", self.kernel), ("initrd", self.initrd), ("chroot", self.chroot),

@@ -14,16 +14,17 @@ from hostel._vmm import ffi, lib
 from hostel.guest.memory import GuestMemory
 
 ERRORS = {
-    lib.HOSTEL_VQ_BAD_LAYOUT: "ring areas outside guest memory or misaligned",
+    lib.HOSTEL_VQ_BAD_LAYOUT: "ring areas outside guest RAM or misaligned",
     lib.HOSTEL_VQ_BAD_AVAIL_IDX: "available index ran more than a queue ahead",
     lib.HOSTEL_VQ_BAD_HEAD: "a chain head beyond the queue",
     lib.HOSTEL_VQ_BAD_NEXT: "a next index beyond the queue",
     lib.HOSTEL_VQ_CHAIN_TOO_LONG: "a chain longer than the queue (a descriptor loop)",
-    lib.HOSTEL_VQ_BAD_ADDRESS: "a buffer outside guest memory",
+    lib.HOSTEL_VQ_BAD_ADDRESS: "a buffer outside guest RAM (beyond it, or in or across the MMIO gap)",
     lib.HOSTEL_VQ_INDIRECT: "an indirect descriptor, which was not negotiated",
     lib.HOSTEL_VQ_READ_AFTER_WRITE: "a device-readable buffer after a writable one",
     lib.HOSTEL_VQ_READONLY_WRITE: "a reply buffer the driver marked read-only",
     lib.HOSTEL_VQ_BAD_REQUEST: "a request malformed for the device",
+    lib.HOSTEL_VQ_CHAIN_TOO_BIG: "a chain of more than 2^32 bytes",
 }
 
 
@@ -53,19 +54,31 @@ class Virtqueue:
         self.chain = ffi.new("struct hostel_chain *")
         self.chain.iov = self.iov
         self.chain.cap = max(layout.num, 1)
-        lib.hostel_vring_init(self.c, mem.host, mem.size, layout.num, layout.desc,
-                              layout.avail, layout.used, int(event_idx))
+        regions = ffi.new("struct hostel_mem_region[]", [(r.gpa, r.size) for r in mem.regions])
+        lib.hostel_vring_init(self.c, mem.host, regions, len(mem.regions), layout.num,
+                              layout.desc, layout.avail, layout.used, int(event_idx))
 
     @property
     def broken(self) -> bool:
-        return self.c.error != 0
+        return self.error_code != 0
+
+    @property
+    def error_code(self) -> int:
+        """The C error, read atomically: a worker thread may be setting it."""
+        return lib.hostel_vring_error(self.c)
 
     @property
     def error(self) -> str:
-        return ERRORS.get(self.c.error, "") if self.c.error else ""
+        code = self.error_code
+        return ERRORS.get(code, "") if code else ""
 
     def pop(self) -> tuple[int, list[bytes], list[tuple[int, int]]] | None:
-        """(head, readable buffers' bytes, writable buffers as (gpa, len)); None if empty or broken."""
+        """(head, readable buffers' bytes, writable buffers as (gpa, len)); None if empty or broken.
+
+        With VIRTIO_F_EVENT_IDX the guest kicks again only once avail_event says
+        so: publish it before each look, as the C workers do (else a driver that
+        waits for its buffer, like virtio_console's control path, spins forever)."""
+        lib.hostel_vring_enable_kicks(self.c)
         if lib.hostel_vring_pop(self.c, self.chain) != 1:
             return None
         out = [bytes(ffi.buffer(self.iov[i].iov_base, self.iov[i].iov_len))

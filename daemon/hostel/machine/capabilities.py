@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from hostel.bus import InvalidArgs
+from hostel.spawn import Plan
 
 # Index = capability number, as in <linux/capability.h>.
 NAMES: tuple[str, ...] = (
@@ -79,18 +80,50 @@ def parse_capabilities(values: Iterable[str], option: str = "--capability") -> i
     return mask
 
 
-def compute_retain(plus: int, minus: int, private_network: bool) -> int:
+def compute_retain(plus: int, minus: int, private_network: bool,
+                   private_users: bool = False) -> int:
     """The bounding set the container keeps: default + added (+ NET_ADMIN) - dropped.
 
     A container with its own network namespace may configure it, so it gets
-    CAP_NET_ADMIN; an explicit drop still wins over that, as in nspawn."""
+    CAP_NET_ADMIN; an explicit drop still wins over that, as in nspawn. One with
+    its own user namespace but the host's network may bind no privileged port
+    (the host's network namespace is not its user namespace's), so, as nspawn 252
+    does to say so, it loses CAP_NET_BIND_SERVICE even if asked for."""
     net_admin = mask_of("CAP_NET_ADMIN") if private_network else 0
-    return (DEFAULT_RETAIN | plus | net_admin) & ~minus & ALL
+    retain = (DEFAULT_RETAIN | plus | net_admin) & ~minus & ALL
+    if private_users and not private_network:
+        retain &= ~mask_of("CAP_NET_BIND_SERVICE")
+    return retain
 
 
 def bounding_drop_mask(retain: int) -> int:
     """The mask for Plan.drop_bounding_caps(): every capability not retained."""
     return ALL & ~retain
+
+
+def plan_root_sets(plan: Plan, retain: int, in_userns: bool) -> None:
+    """Give a root payload nspawn 252's capability sets: effective, permitted and
+    inheritable all equal to the bounding set it keeps.
+
+    The inheritable set is what makes a file's inheritable capabilities work across
+    execve (setcap cap_net_raw+ei on a binary run by a non-root user started from root);
+    left empty, such files get nothing. Bits this child cannot hold (beyond the
+    kernel's last capability, outside hosteld's bounding or permitted set; a new user
+    namespace starts with every one) are left out, as 252 mangles them away."""
+    usable = (1 << (last_cap() + 1)) - 1
+    if not in_userns:
+        usable &= _own_set("CapBnd") & _own_set("CapPrm")
+    kept = retain & usable
+    plan.set_caps(effective=kept, permitted=kept, inheritable=kept)
+
+
+def _own_set(field: str, path: str = "/proc/self/status") -> int:
+    """One of hosteld's capability sets, as /proc reports it (the child inherits them)."""
+    with open(path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1], 16)
+    raise LookupError(f"no {field} line in {path}")
 
 
 def format_mask(mask: int) -> list[str]:

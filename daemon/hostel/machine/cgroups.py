@@ -14,11 +14,19 @@ containers stay inside what was delegated to us, and inside its limits.
 Every layout is handled: the v2 unified hierarchy alone, the hybrid one (v1
 controllers plus cgroup2 on /sys/fs/cgroup/unified) and v1 alone. These
 functions block briefly (file writes, and remove() waits for the scope to
-empty); the daemon calls them from a worker thread."""
+empty); the daemon calls them from a worker thread.
+
+The container's processes live one level down, in SCOPE/payload, which is
+also the root of their cgroup namespace: the device policy sits on the scope
+(devices.allow in v1, a BPF device program in v2, see bpf_devices), out of
+the container's sight, and the kernel lets no cgroup widen what its parent
+allows -- so root in the container may write its own devices.allow, and
+attach nothing in v2, without gaining a device."""
 from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import re
 import signal
@@ -28,11 +36,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from hostel import native
 from hostel.bus import AlreadyExists, HostelError, InvalidArgs, NoSuchObject
 from hostel.cryptsetup.unitname import UnitNameError, unit_name_escape, unit_name_unescape
+from hostel.machine import bpf_devices
+from hostel.machine.cgroup_properties import Property
 from hostel.spawn import Plan
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SLICE = "machine.slice"
+PAYLOAD = "payload"   # the container's own cgroup below its scope (and its cgroup namespace root)
 UNIT_NAME_MAX = 255
 _UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\-]+")
 _OTHER_UNIT_TYPES = (".service", ".socket", ".target", ".device", ".mount", ".automount",
@@ -84,8 +98,8 @@ class CgroupLayout:
         """The hierarchies mounted here that hosteld can write, from the mount table."""
         mounts = list(_cgroup_mounts(mountinfo))
         hierarchies = []
-        for _hid, field, path in _read_cgroup_file(own_cgroup):
-            hierarchy = _hierarchy_for(mounts, field, path)
+        for _hid, controllers, path in _read_cgroup_file(own_cgroup):
+            hierarchy = _hierarchy_for(mounts, controllers, path)
             if hierarchy is not None and os.access(hierarchy.path(), os.W_OK):
                 hierarchies.append(hierarchy)
         v2_points = {m.mountpoint for m in mounts if m.fstype == "cgroup2"}
@@ -103,6 +117,12 @@ class CgroupLayout:
             raise CgroupError(f"no cgroup hierarchy in {mountinfo} is writable by hosteld; "
                               "run it as root with /sys/fs/cgroup mounted read-write")
         return cls(mode, tuple(hierarchies))
+
+
+@functools.lru_cache(maxsize=1)  # hierarchies are mounted at boot and stay while we run
+def current_layout() -> CgroupLayout:
+    """This host's layout, read once: what a container's /sys/fs/cgroup shows."""
+    return CgroupLayout.detect()
 
 
 @dataclass(frozen=True)
@@ -131,7 +151,8 @@ def _cgroup_mounts(mountinfo: str) -> Iterator[_Mount]:
 def _read_cgroup_file(path: str) -> list[tuple[str, str, str]]:
     """(hierarchy id, controllers, path) for each line of a /proc/PID/cgroup file."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return [tuple(line.rstrip("\n").split(":", 2)) for line in f if line.count(":") >= 2]
+        rows = (line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2)
+        return [(hid, controllers, cgroup) for hid, controllers, cgroup in rows]
 
 
 def _hierarchy_for(mounts: list[_Mount], field: str, path: str) -> Hierarchy | None:
@@ -280,9 +301,16 @@ class CgroupJoin:
     born_in: int = -1                                   # v2 directory, for CLONE_INTO_CGROUP
     tasks: list[tuple[str, int]] = field(default_factory=list)  # v1: (tasks file, fd)
 
-    def plan_steps(self, plan: Plan) -> None:
+    def plan_steps(self, plan: Plan, new_namespace: bool = True) -> None:
+        """Join every v1 cgroup, then (unless the caller joins an existing one) make the
+        cgroup namespace whose root is the cgroup just joined, as nspawn does: inside,
+        /proc/self/cgroup shows "/" and cgroupfs mounts show nothing above it.
+        unshare() needs CAP_SYS_ADMIN, which a child has even in its fresh, still
+        unmapped user namespace; so the namespace belongs to the container's own."""
         for path, fd in self.tasks:
             plan.write_fd(fd, b"0", f"join cgroup {os.path.dirname(path)}")
+        if new_namespace:
+            plan.unshare(native.CLONE_NEWCGROUP)
 
     def close(self) -> None:
         for fd in [self.born_in, *(fd for _path, fd in self.tasks)]:
@@ -305,13 +333,40 @@ class CgroupSet:
     machine: str
     unit: str
     slice: str
-    paths: tuple[str, ...]
+    paths: tuple[str, ...]          # the scope in each hierarchy
+
+    @property
+    def payload_paths(self) -> tuple[str, ...]:
+        """Where the container's processes live: one level below the device policy."""
+        return tuple(os.path.join(path, PAYLOAD) for path in self.paths)
+
+    def apply_properties(self, properties: list[Property]) -> None:
+        """Write --property's limits into the scope (cgroup_properties), in every hierarchy
+        that has the file; a property no hierarchy here can hold is an error."""
+        for prop in properties:
+            written = False
+            for path in self.paths:
+                if _is_v2(path):
+                    for file, value in prop.v2:
+                        if _enable_controller(path, file):
+                            _write(os.path.join(path, file), value)
+                            written = True
+                else:
+                    for _controller, file, value in prop.v1:
+                        if os.path.exists(os.path.join(path, file)):
+                            _write(os.path.join(path, file), value)
+                            written = True
+            if not written:
+                raise CgroupError(f"--property={prop.name}=: no cgroup hierarchy of this host "
+                                  f"can hold it (it needs {', '.join(f for f, _ in prop.v2)} "
+                                  "of cgroup v2)")
 
     def open_join(self) -> CgroupJoin:
-        """Descriptors through which a new child enters the scope in every hierarchy."""
+        """Descriptors through which a new child enters the payload cgroup in every hierarchy."""
         join = CgroupJoin()
         try:
-            for path in self.paths:
+            # A scope made by an older hosteld (adopted) has no payload cgroup: join the scope.
+            for path in [p if os.path.isdir(p) else os.path.dirname(p) for p in self.payload_paths]:
                 if os.path.exists(os.path.join(path, "cgroup.controllers")):  # v2
                     join.born_in = _open(path, os.O_RDONLY | os.O_DIRECTORY)
                 else:
@@ -325,12 +380,35 @@ class CgroupSet:
     def allow_devices(self, nodes: Iterable[str]) -> None:
         """Also let the container use these host nodes (e.g. the loop devices of its image,
         which it mounts from inside the scope)."""
-        rules = device_rules([(node, "rw") for node in nodes])
+        extra = device_rules([(node, "rw") for node in nodes])
+        if not extra:
+            return
         for path in self.paths:
             allow = os.path.join(path, "devices.allow")
-            if os.path.exists(allow):
-                for rule in rules:
-                    _write(allow, rule + "\n")
+            if os.path.exists(allow):  # v1 children copy their parent's list only when made
+                for directory in (path, os.path.join(path, PAYLOAD)):
+                    for rule in extra:
+                        _write(os.path.join(directory, "devices.allow"), rule + "\n")
+            elif _is_v2(path):  # a program is replaced whole: the defaults go in again
+                _attach_device_program(path, device_rules() + extra)
+
+    def delegate(self, uid: int, gid: int) -> None:
+        """Let root of a user-namespaced container (host uid, gid) manage its own cgroup
+        tree, as nspawn does: the payload directory and the files that move processes or
+        enable controllers, in the hierarchies an init keeps its tree in (name=systemd,
+        cgroup2) -- never devices.allow, whose writes the kernel keeps for host root."""
+        for path in self.payload_paths:
+            if not os.path.isdir(path) or not _in_init_hierarchy(path):
+                continue
+            for name in ("", "cgroup.procs", "cgroup.threads", "cgroup.subtree_control", "tasks",
+                         "notify_on_release", "cgroup.clone_children"):
+                target = os.path.join(path, name)
+                try:
+                    os.chown(target, uid, gid, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # a file this version of the hierarchy does not have
+                except OSError as exc:
+                    raise CgroupError(f"delegating {target} to uid {uid}: {exc.strerror}") from exc
 
     def procs(self) -> set[int]:
         """Every process in the scope or below it, in any hierarchy."""
@@ -382,7 +460,8 @@ class CgroupSet:
         """The usual end, in one rmdir per hierarchy: an empty scope with no child cgroups.
         False (and the scope as it was, in the hierarchies not yet done) otherwise."""
         for path in self.paths:
-            if not _rmdir(path, missing_ok=True):
+            if not (_rmdir(os.path.join(path, PAYLOAD), missing_ok=True)
+                    and _rmdir(path, missing_ok=True)):
                 return False
             _prune_slices(path, self.slice)
         return True
@@ -466,6 +545,56 @@ def _restrict_devices(path: str, rules: list[str]) -> None:
         _write(os.path.join(path, "devices.allow"), rule + "\n")
 
 
+def _is_v2(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "cgroup.controllers"))
+
+
+def _enable_controller(path: str, file: str) -> bool:
+    """Make a controller's `file` appear in v2 cgroup `path`: enable the controller in the
+    parents' cgroup.subtree_control, from the highest one that does not delegate it yet.
+    False when this v2 hierarchy does not have the controller (a hybrid host's v1 has it)."""
+    if os.path.exists(os.path.join(path, file)):
+        return True
+    controller = file.split(".")[0]
+    with open(os.path.join(os.path.dirname(path), "cgroup.controllers")) as f:
+        if controller not in f.read().split():
+            return False
+    missing = []
+    parent = os.path.dirname(path)
+    while _is_v2(parent):
+        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+            if controller in f.read().split():
+                break
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for cgroup in reversed(missing):
+        _write(os.path.join(cgroup, "cgroup.subtree_control"), f"+{controller}")
+    return True
+
+
+def _in_init_hierarchy(path: str) -> bool:
+    """Whether `path` is in cgroup2 or a named v1 hierarchy (name=systemd): where an init
+    system keeps its own tree, and where nspawn delegates to a user-namespaced container."""
+    for hierarchy in current_layout().hierarchies:
+        if path.startswith(hierarchy.mountpoint.rstrip("/") + "/"):
+            return hierarchy.version == 2 or any(c.startswith("name=")
+                                                 for c in hierarchy.controllers)
+    return False
+
+
+def _attach_device_program(path: str, rules: list[str]) -> None:
+    """The v2 policy. A kernel that refuses the program (no CONFIG_CGROUP_BPF) fails the
+    start, unless a v1 devices hierarchy enforces the same rules anyway (hybrid hosts)."""
+    try:
+        bpf_devices.attach(path, [bpf_devices.DeviceRule.parse(rule) for rule in rules])
+    except bpf_devices.BpfError as exc:
+        if any("devices" in h.controllers for h in current_layout().hierarchies):
+            log.warning("%s; the v1 devices hierarchy still enforces the allow list", exc)
+            return
+        raise CgroupError(f"{exc}; without it a container on this cgroup2 host could open "
+                          "any device") from exc
+
+
 def create(machine: str, slice_name: str | None = None,
            layout: CgroupLayout | None = None) -> CgroupSet:
     """Create the scope of `machine` in every writable hierarchy, with the device allow list.
@@ -487,9 +616,14 @@ def create(machine: str, slice_name: str | None = None,
         with _TREE_LOCK:  # another start's or exit's slice pruning must not cut under us
             for hierarchy in layout.hierarchies:
                 paths.append(_make_dirs(hierarchy, relative))
+        rules = device_rules()
         for path, hierarchy in zip(paths, layout.hierarchies):
             if "devices" in hierarchy.controllers:
-                _restrict_devices(path, device_rules())
+                _restrict_devices(path, rules)
+            elif hierarchy.version == 2:
+                _attach_device_program(path, rules)
+            # Made after the policy, so that it inherits the v1 rules at creation.
+            _make_dirs(hierarchy, f"{relative}/{PAYLOAD}")
     except CgroupError:
         CgroupSet(machine, unit, slice_unit_name, tuple(paths)).remove(grace=0)
         raise
@@ -507,9 +641,9 @@ def machine_of_pid(pid: int, layout: CgroupLayout | None = None) -> str | None:
         lines = _read_cgroup_file(f"/proc/{pid}/cgroup")
     except FileNotFoundError:
         raise NoSuchObject(f"no process with PID {pid}") from None
-    for _hid, field, path in lines:
+    for _hid, controllers, path in lines:
         for hierarchy in layout.hierarchies:
-            if hierarchy.names(field):
+            if hierarchy.names(controllers):
                 name = _machine_in(path, hierarchy.base)
                 if name is not None:
                     return name

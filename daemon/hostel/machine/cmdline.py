@@ -15,10 +15,13 @@ PROG = "hostelctl run"
 
 # Options with no settings key: they act on the client.
 HELP = Option("help", "Help", "b", "h", None, "show this help and exit")
+VERSION = Option("version", "Version", "b", None, None, "show the version and exit")
 LINK_JOURNAL_TRY_GUEST = Option("j", "LinkJournalTryGuest", "b", "j", None,
                                 "same as --link-journal=try-guest")
-_LONG = {**BY_LONG, "help": HELP}
-_SHORT = {**BY_SHORT, "h": HELP, "j": LINK_JOURNAL_TRY_GUEST}
+PRIVATE_USERS_PICK = Option("U", "PrivateUsersPick", "b", "U", None,
+                            "same as --private-users=pick --private-users-ownership=auto")
+_LONG = {**BY_LONG, "help": HELP, "version": VERSION}
+_SHORT = {**BY_SHORT, "h": HELP, "j": LINK_JOURNAL_TRY_GUEST, "U": PRIVATE_USERS_PICK}
 
 
 class UsageError(Exception):
@@ -37,11 +40,13 @@ class ParsedRun:
     def values(self) -> dict[str, object]:
         """By settings key: the last value given, True for a flag, a list for "as" options."""
         values: dict[str, object] = {}
+        lists: dict[str, list[str | None]] = {}
         for opt, value in self.given:
             if opt.signature == "as":
-                values.setdefault(opt.key, []).append(value)
+                lists.setdefault(opt.key, []).append(value)
             else:
                 values[opt.key] = True if value is None else value
+        values.update(lists)
         return values
 
 
@@ -122,14 +127,19 @@ def _short_options(argv: list[str], i: int, parsed: ParsedRun) -> int:
     return i + 1
 
 
+# Every option `run` takes, the settings' and the client's own: for --help, the man page
+# and the completion (hostel/docs.py).
+CLIENT_OPTIONS = (HELP, VERSION, LINK_JOURNAL_TRY_GUEST, PRIVATE_USERS_PICK)
+
+
 def usage() -> str:
     """--help, in nspawn's layout: one line per option, its short form first."""
     lines = [f"{PROG} [OPTIONS...] [COMMAND [ARGS...]]", "",
              "Run a command or OS in a new container, as systemd-nspawn does. Options have",
              "systemd-nspawn's names and meaning.", ""]
-    for opt in (HELP, *OPTIONS, LINK_JOURNAL_TRY_GUEST):
-        if opt is LINK_JOURNAL_TRY_GUEST:
-            names = "-j"
+    for opt in CLIENT_OPTIONS[:2] + OPTIONS + CLIENT_OPTIONS[2:]:
+        if opt.long == opt.short:  # a short option with no long form (-j, -U)
+            names = f"-{opt.short}"
         else:
             names = (f"-{opt.short} " if opt.short else "   ") + f"--{opt.long}"
         if opt.optional_value is not None:

@@ -1,31 +1,38 @@
 """The container's console: the caller's descriptors, a relayed pty, or a logged pty.
 
+The modes are systemd-nspawn 252's --console=:
 interactive: a pty whose master hosteld relays to and from the caller's
-  descriptors (what systemd-nspawn does on a terminal).
-passive: the same pty, output relayed only.
-pipe: the caller's descriptors are the payload's stdio; no pty, no /dev/console.
+  descriptors (what nspawn does on a terminal).
+read-only: the same pty, output relayed only; what the caller types is not
+  read (nspawn's default off a terminal, so a booted init has a /dev/console).
+passive: the same as read-only, as nspawn 252 behaves (its pty's output
+  still reaches the caller).
+pipe (--pipe): the caller's descriptors are the payload's stdio; no pty, no
+  /dev/console.
 With no descriptors at all, the pty's output goes to a bounded console log.
+Off a terminal hostel defaults to read-only for --boot only: a plain command
+gets the caller's pipes, so `echo x | hostelctl run ... cat` reads its input
+(nspawn 252 would give it a read-only pty; later systemd's autopipe mode does
+what hostel does).
 
 Relaying blocks on the caller's terminal, so it runs in a thread per
-container, never on the event loop."""
+container, never on the event loop: hostel.consolehub's, which also lets
+clients attach to the console (`hostelctl guest console NAME`)."""
 from __future__ import annotations
 
 import collections
-import logging
 import os
-import select
-import threading
 from dataclasses import dataclass, field
 
+from hostel.consolehub import ConsoleEnds, ConsoleHub
 from hostel.machine.settings import Stdio
 
-log = logging.getLogger(__name__)
 CONSOLE_LOG_BYTES = 64 * 1024
 
 
 @dataclass
 class Console:
-    mode: str                      # interactive | passive | pipe | log
+    mode: str                      # interactive | read-only | passive | pipe | log
     stdin: int                     # what the payload gets as fd 0, 1, 2
     stdout: int
     stderr: int
@@ -34,19 +41,23 @@ class Console:
     caller: Stdio = field(default_factory=Stdio)
     log: collections.deque = field(default_factory=lambda: collections.deque())
     log_size: int = 0
-    _thread: threading.Thread | None = None
-    _stop_r: int = -1
-    _stop_w: int = -1
+    hub: ConsoleHub | None = None  # the pty's relay while a payload runs
 
     def payload_fds(self) -> set[int]:
         return {self.stdin, self.stdout, self.stderr}
 
-    def start_relay(self) -> None:
+    def start_relay(self, name: str) -> None:
+        """Relay the pty (to the caller, else to the log); the hub ends when every
+        slave has closed, and a reboot starts the next one on the same pty."""
         if self.master is None:
             return
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._relay, name="console-relay", daemon=True)
-        self._thread.start()
+        if self.hub is not None:
+            self.hub.stop()
+        typed = self.caller.stdin if self.mode == "interactive" else None
+        self.hub = ConsoleHub(name, ConsoleEnds(self.master, self.master, self.caller.stdout,
+                                                typed, owned=False),
+                              log_output=self._append_log)
+        self.hub.start()
 
     def _append_log(self, data: bytes) -> None:
         self.log.append(data)
@@ -56,40 +67,6 @@ class Console:
 
     def text(self) -> str:
         return b"".join(self.log).decode(errors="replace")
-
-    def _relay(self) -> None:
-        sources = [self.master, self._stop_r]
-        if self.mode == "interactive" and self.caller.stdin is not None:
-            sources.append(self.caller.stdin)
-        while True:
-            readable, _, _ = select.select(sources, [], [])
-            if self._stop_r in readable and self.master not in readable:
-                return
-            if self.master in readable:
-                try:
-                    data = os.read(self.master, 65536)
-                except OSError:  # EIO: every slave closed, the container is gone
-                    return
-                if not data:
-                    return
-                self._deliver(data)
-            if self.caller.stdin is not None and self.caller.stdin in readable:
-                data = os.read(self.caller.stdin, 65536)
-                if not data:
-                    sources.remove(self.caller.stdin)
-                else:
-                    os.write(self.master, data)
-
-    def _deliver(self, data: bytes) -> None:
-        if self.caller.stdout is None:
-            self._append_log(data)
-            return
-        try:
-            os.write(self.caller.stdout, data)
-        except OSError as e:  # the caller went away; keep the output in the log instead
-            log.debug("console output to the caller failed: %s", e)
-            self.caller.stdout = None
-            self._append_log(data)
 
     def _close_payload(self) -> None:
         for fd in self.payload_fds() - {-1}:
@@ -108,15 +85,12 @@ class Console:
             self._close_payload()
 
     def close(self) -> None:
-        if self._thread is not None:
-            os.write(self._stop_w, b"x")
-            self._thread.join(timeout=5)
-            self._thread = None
-        for fd in (self.master, self._stop_r, self._stop_w):
-            if fd is not None and fd >= 0:
-                os.close(fd)
+        if self.hub is not None:
+            self.hub.stop()  # what the payload wrote last is delivered first
+            self.hub = None
+        if self.master is not None:
+            os.close(self.master)
         self.master = None
-        self._stop_r = self._stop_w = -1
         self._close_payload()  # still open in pipe mode, or if the start failed early
         self.caller.close()
 
@@ -125,11 +99,22 @@ def _null() -> int:
     return os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
 
 
-def open_console(mode: str | None, caller: Stdio) -> Console:
+RELAYED_MODES = ("interactive", "read-only", "passive")
+
+
+def default_mode(caller: Stdio, boot: bool) -> str:
+    """The console when none is asked for (see the module's docstring)."""
+    if caller.stdin is not None and os.isatty(caller.stdin):
+        return "interactive"
+    if caller.stdin is None and caller.stdout is None:
+        return "log"
+    return "read-only" if boot else "pipe"
+
+
+def open_console(mode: str | None, caller: Stdio, boot: bool = False) -> Console:
     """Choose and prepare the console; the descriptors in `caller` are owned by it from now on."""
     if mode is None:
-        mode = "interactive" if caller.stdin is not None and os.isatty(caller.stdin) else (
-            "pipe" if caller.stdin is not None or caller.stdout is not None else "log")
+        mode = default_mode(caller, boot)
     if mode == "pipe":
         stdin = caller.stdin if caller.stdin is not None else _null()
         stdout = caller.stdout if caller.stdout is not None else _null()
@@ -140,7 +125,7 @@ def open_console(mode: str | None, caller: Stdio) -> Console:
     tty_path = os.ttyname(slave)
     if caller.stdin is not None and os.isatty(caller.stdin):
         _copy_window_size(caller.stdin, master)
-    console = Console(mode if mode in ("interactive", "passive") else "log", slave, os.dup(slave),
+    console = Console(mode if mode in RELAYED_MODES else "log", slave, os.dup(slave),
                       os.dup(slave), tty_path, master, caller)
     return console
 

@@ -6,7 +6,9 @@ The process joins the leader's namespaces with setns(), enters its root
 through a descriptor (the container's root is mounted over / in its own
 mount namespace, which setns alone would not show), forks once so that it
 is inside the pid namespace, and keeps the container's capability limits
-and seccomp filter."""
+and seccomp filter. Before any of that it joins the container's own cgroup in
+every hierarchy (so its device policy applies, and the machine's kill and
+stop reach it) and then the container's cgroup namespace."""
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from hostel import native
 from hostel.bus import HostelError, NoSuchObject
-from hostel.machine import capabilities, users
+from hostel.machine import capabilities, cgroups, users
 from hostel.machine import seccomp as machine_seccomp
 from hostel.machine.registry import Machine
 from hostel.spawn import Plan, StepFailed, spawn, wait_exit
@@ -31,7 +33,8 @@ TIOCGPTN = 0x80045430
 TIOCGPTPEER = 0x5441
 # Namespaces to join, in an order that works: the user namespace first (it
 # grants the rights for the others), the mount namespace before the root.
-NAMESPACES = (("user", native.CLONE_NEWUSER), ("mnt", native.CLONE_NEWNS),
+NAMESPACES = (("user", native.CLONE_NEWUSER), ("cgroup", native.CLONE_NEWCGROUP),
+              ("mnt", native.CLONE_NEWNS),
               ("uts", native.CLONE_NEWUTS), ("ipc", native.CLONE_NEWIPC),
               ("net", native.CLONE_NEWNET), ("pid", native.CLONE_NEWPID))
 DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -91,9 +94,13 @@ async def run_in(machine: Machine, path: str, argv: list[str], env: list[str],
     leader = _leader(machine)
     passwd = _read_inside(leader, "/etc/passwd")
     group = _read_inside(leader, "/etc/group")
-    ids = users.resolve_user(user, passwd, group)
+    ids = users.resolve_user(user, passwd or b"", group or b"")  # a missing file: no such user
     plan = Plan()
+    cgroup = machine.runtime.cgroup if machine.runtime is not None else None
+    join = cgroup.open_join() if cgroup is not None else cgroups.CgroupJoin()
     with ExitStack() as keep:
+        keep.callback(join.close)
+        join.plan_steps(plan, new_namespace=False)  # first: before it can fork
         _join_namespaces(plan, leader, keep)
         plan.stub_init()  # fork: the child is the first inside the pid namespace
         for target in (0, 1, 2):
@@ -101,13 +108,14 @@ async def run_in(machine: Machine, path: str, argv: list[str], env: list[str],
         plan.setsid()
         if tty:
             plan.set_controlling_tty(0)
-        plan.drop_bounding_caps(capabilities.bounding_drop_mask(_bounding_set(leader)))
-        plan.seccomp(machine_seccomp.container_filter())
+        bounding = _bounding_set(leader)
+        plan.drop_bounding_caps(capabilities.bounding_drop_mask(bounding))
+        plan.seccomp(machine_seccomp.container_filter(bounding))
         user_env = users.plan_change_user(plan, ids)
         full_env = list(DEFAULT_ENV) + user_env + [e for e in env if "=" in e]
         plan.chdir(ids.home, best_effort=True)
         plan.execve(path, argv, full_env)
-        child = spawn(plan, 0)
+        child = spawn(plan, 0, join.born_in)
     try:
         await child.started()
     except StepFailed as e:

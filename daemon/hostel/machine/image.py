@@ -24,6 +24,7 @@ from typing import Iterable
 
 from hostel import native
 from hostel.bus import InvalidArgs
+from hostel.machine import userns
 from hostel.machine.loop import LoopDevice, LoopError
 from hostel.machine.rootfs import read_file_in_root
 from hostel.spawn import Plan
@@ -348,18 +349,38 @@ class ImageMounts:
     dissected: DissectedImage
     loops: list[LoopDevice] = field(default_factory=list)
     mounts: list[ImageMount] = field(default_factory=list)
+    detached: list[int] = field(default_factory=list)  # see mount_detached(), one per mount
+
+    def mount_detached(self) -> userns.Ownership:
+        """Mount the image's file systems here, detached, for a container in a user
+        namespace: it may not mount block devices itself, and root inside must own
+        them (userns.map_ownership idmaps them, or chowns a writable one, before the
+        child attaches them). Unmounted when detach() closes them, if never attached."""
+        ownership = userns.Ownership()
+        for m in self.mounts:
+            fd = mount_detached(m.device, m.fstype, m.read_only, self.dissected.path)
+            self.detached.append(fd)
+            what = f"image {self.dissected.path} ({m.fstype}, at {m.mount_point})"
+            ownership.mounts.append(userns.OwnedMount(
+                fd, what, None if m.read_only else userns.mount_root_path(fd), READ_ONLY_REFUSAL))
+        return ownership
 
     def add_to_plan(self, plan: Plan, root: str) -> None:
         """Mount the image at `root` in the child (before /dev is replaced: the
-        loop nodes are the host's)."""
-        for m in self.mounts:
+        loop nodes are the host's), or attach the mounts made by mount_detached()."""
+        for i, m in enumerate(self.mounts):
             target = os.path.join(root, m.mount_point.lstrip("/")).rstrip("/") or "/"
             if m.mount_point != "/":
                 plan.mkdir(target)
-            plan.mount(m.device, target, m.fstype, m.flags)
+            if self.detached:
+                plan.attach_mount(self.detached[i], target, f"{m.fstype} {m.device}")
+            else:
+                plan.mount(m.device, target, m.fstype, m.flags)
 
     def detach(self) -> None:
-        """Release every loop device; safe to call twice."""
+        """Release every mount made here and every loop device; safe to call twice."""
+        while self.detached:
+            os.close(self.detached.pop())
         failures = []
         for loop in self.loops:
             try:
@@ -375,6 +396,50 @@ class ImageMounts:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.detach()
+
+
+READ_ONLY_REFUSAL = ("it is read-only, so it cannot be chowned into the container's range "
+                     "either. Use an image whose file system supports idmapped mounts (ext3, "
+                     "ext4, xfs, btrfs, squashfs, erofs; 'tune2fs -j IMAGE' makes ext2 ext3), "
+                     "start it once without --read-only so that it is chowned into the range, "
+                     "or run it without --private-users.")
+
+_FSOPEN_CLOEXEC = 1
+_FSMOUNT_CLOEXEC = 1
+_FSCONFIG_SET_FLAG = 0
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NODEV = 0x4
+
+
+def mount_detached(device: str, fstype: str, read_only: bool, image_path: str) -> int:
+    """A mount of `device` that is in no mount namespace (fsopen, fsmount): a descriptor
+    to idmap and hand to a container; closing it unmounts it unless it was attached."""
+    import ctypes
+
+    call = userns.kernel_call
+    try:
+        context = call("fsopen", fstype.encode(), ctypes.c_uint(_FSOPEN_CLOEXEC))
+    except OSError as e:
+        raise ImageError(f"Cannot mount the {fstype} file system of {image_path}: "
+                         f"{e.strerror}; this kernel cannot mount {fstype}") from e
+    try:
+        call("fsconfig", ctypes.c_int(context), ctypes.c_uint(_FSCONFIG_SET_STRING), b"source",
+             device.encode(), ctypes.c_int(0))
+        if read_only:
+            call("fsconfig", ctypes.c_int(context), ctypes.c_uint(_FSCONFIG_SET_FLAG), b"ro",
+                 None, ctypes.c_int(0))
+        call("fsconfig", ctypes.c_int(context), ctypes.c_uint(_FSCONFIG_CMD_CREATE), None,
+             None, ctypes.c_int(0))
+        attrs = _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if read_only else 0)
+        return call("fsmount", ctypes.c_int(context), ctypes.c_uint(_FSMOUNT_CLOEXEC),
+                    ctypes.c_uint(attrs))
+    except OSError as e:
+        raise ImageError(f"Failed to mount the {fstype} file system of {image_path} "
+                         f"({device}): {e.strerror}; is it damaged?") from e
+    finally:
+        os.close(context)
 
 
 def attach_image(dissected: DissectedImage, read_only: bool = False) -> ImageMounts:

@@ -10,6 +10,7 @@ import logging
 import os
 
 from hostel.bus import HostelError
+from hostel.machine import rootfs
 from hostel.machine.settings import MachineSettings
 from hostel.spawn import Plan
 
@@ -30,17 +31,20 @@ def _host_machine_id() -> str | None:
 
 def _guest_machine_id(view: str) -> str | None:
     try:
-        text = open(f"{view}/etc/machine-id").read().strip()
-    except OSError:
+        data = rootfs.read_file_in_root(view, "etc/machine-id", 4096)
+        text = (data or b"").decode("ascii").strip()
+    except (rootfs.RootfsError, UnicodeDecodeError):
         return None
     return text if len(text) == 32 and all(c in "0123456789abcdef" for c in text) else None
 
 
-def plan_journal(plan: Plan, root: str, view: str | None, settings: MachineSettings) -> None:
+def plan_journal(plan: Plan, root: str, view: str | None, settings: MachineSettings,
+                 machine_id: str | None = None) -> None:
+    """`machine_id`: the machine's (the tree's, else --uuid's, as in 252), else the tree's."""
     mode, tried = settings.link_journal, settings.link_journal_try
     if mode == "no" or settings.ephemeral or view is None:
         return
-    machine_id = _guest_machine_id(view)
+    machine_id = machine_id or _guest_machine_id(view)
     if machine_id is None:
         if mode == "auto":
             return
@@ -52,30 +56,39 @@ def plan_journal(plan: Plan, root: str, view: str | None, settings: MachineSetti
             return
         raise JournalLinkError(f"host and machine ids are equal ({machine_id}): refusing to "
                                "link journals")
+    try:  # whatever the mode, as 252 does
+        rootfs.makedirs_in_root(view, "/var/log/journal")
+    except OSError as e:
+        if tried or mode == "auto":
+            log.debug("skipping journal setup: %s", e)
+            return
+        raise JournalLinkError(f"--link-journal={mode}: creating /var/log/journal: {e}") from e
     host_dir = f"{HOST_JOURNAL}/{machine_id}"
     guest_dir = f"{view}/var/log/journal/{machine_id}"
     try:
-        _prepare_host_side(mode, host_dir, guest_dir)
+        _prepare_host_side(mode, host_dir, guest_dir, view)
     except OSError as e:
         if tried:
             log.debug("skipping journal setup: %s", e)
             return
         raise JournalLinkError(f"--link-journal={mode}: {e}") from e
     if mode == "host" or (mode == "auto" and os.path.isdir(host_dir) and not os.path.islink(host_dir)):
-        os.makedirs(guest_dir, 0o755, exist_ok=True)
+        rootfs.makedirs_in_root(view, guest_dir[len(view):])
         plan.bind(host_dir, f"{root}/var/log/journal/{machine_id}", recursive=False)
 
 
-def _prepare_host_side(mode: str, host_dir: str, guest_dir: str) -> None:
+def _prepare_host_side(mode: str, host_dir: str, guest_dir: str, view: str) -> None:
+    """The host's side; the guest's directory is made inside the tree, never through
+    the tree's symlinks (a /var pointing at a host directory)."""
     if os.path.islink(host_dir):
         if mode in ("guest", "auto") and os.readlink(host_dir) == guest_dir:
-            os.makedirs(guest_dir, 0o755, exist_ok=True)
+            rootfs.makedirs_in_root(view, guest_dir[len(view):])
             return
         os.unlink(host_dir)
     if mode == "guest":
         if os.path.isdir(host_dir):
             os.rmdir(host_dir)  # only an empty one: never throw away a host journal
-        os.makedirs(guest_dir, 0o755, exist_ok=True)
+        rootfs.makedirs_in_root(view, guest_dir[len(view):])
         os.symlink(guest_dir, host_dir)
     elif mode == "host":
         os.makedirs(host_dir, 0o755, exist_ok=True)

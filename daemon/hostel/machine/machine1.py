@@ -2,8 +2,9 @@
 
 Served only when no systemd-machined holds the name; backed by the same
 registry as org.hostel1, so both APIs always agree. Types and semantics follow
-org.freedesktop.machine1(5). Image methods, which hostel has no notion of,
-answer NotSupported instead of pretending. When a real machined is on the bus,
+org.freedesktop.machine1(5). Images are the machine pool's trees and raw
+images (machine1_images.py, pool_images.py); copy-to/copy-from/bind act on a
+running container through container_files.py. When a real machined is on the bus,
 hosteld registers its containers there instead (as the nspawn seed's
 register_machine does)."""
 from __future__ import annotations
@@ -18,10 +19,16 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from hostel.bus import Dispatcher, HostelError, NoSuchObject, escape_path_label, mutating
-from hostel.machine import enter
+from hostel.bus import (Dispatcher, HostelError, InvalidArgs, NoSuchObject, escape_path_label,
+                        mutating)
+from hostel.machine import container_files, enter, pool_images
 from hostel.machine import network as machine_network
+from hostel.machine import pool
+from hostel.machine.machine1_guests import (GuestControl, NotSupported, VmMachine, VmMachines,
+                                            containers_only)
+from hostel.machine.machine1_images import ImagePool, image_path, run_long
 from hostel.machine.machine_properties import MachineProperties
+from hostel.machine.pool_images import Image, paths_equal
 from hostel.machine.registry import Event, Machine, Registry, State
 
 log = logging.getLogger(__name__)
@@ -29,27 +36,22 @@ log = logging.getLogger(__name__)
 BUS_NAME = "org.freedesktop.machine1"
 MANAGER_PATH = "/org/freedesktop/machine1"
 MACHINE_PREFIX = "/org/freedesktop/machine1/machine"
+MACHINE_COPY_REPLACE = 1  # machined's CopyTo/FromMachineWithFlags flag (machinectl --force)
 
 
 class NoSuchMachine(HostelError):
     dbus_name = "org.freedesktop.machine1.NoSuchMachine"
 
 
-class NoSuchImage(HostelError):
-    dbus_name = "org.freedesktop.machine1.NoSuchImage"
-
-
-class NotSupported(HostelError):
-    dbus_name = "org.freedesktop.DBus.Error.NotSupported"
-
-
 def machine_path(name: str) -> str:
     return f"{MACHINE_PREFIX}/{escape_path_label(name)}"
 
 
-def _no_images(what: str) -> NotSupported:
-    return NotSupported(f"{what}: hostel manages no machine images (machinectl's image "
-                        "commands); use hostelctl image for guest images")
+def _copy_flags(flags: int) -> bool:
+    """Whether to replace existing files; machined refuses unknown flags."""
+    if flags & ~MACHINE_COPY_REPLACE:
+        raise InvalidArgs(f"Invalid 'flags' parameter '{flags}'")
+    return bool(flags & MACHINE_COPY_REPLACE)
 
 
 def _machined_state(machine: Machine) -> str:
@@ -93,8 +95,8 @@ class Machine1Machine(MachineProperties):
         return await addresses(self.machine)
 
     @dbus_method()
-    def GetOSRelease(self) -> "a{ss}":
-        return self.compat.os_release(self.machine)
+    async def GetOSRelease(self) -> "a{ss}":
+        return await self.compat.os_release(self.machine)
 
     @dbus_method()
     def GetUIDShift(self) -> "u":
@@ -115,22 +117,55 @@ class Machine1Machine(MachineProperties):
     async def OpenShell(self, user: "s", path: "s", args: "as", environment: "as") -> "hs":
         return await self.compat.open_shell(self.machine, user, path, args, environment)
 
+    @dbus_method()
+    @mutating
+    async def CopyFrom(self, source: "s", destination: "s"):
+        await self.compat.copy(self.machine, source, destination, False, 0)
+
+    @dbus_method()
+    @mutating
+    async def CopyFromWithFlags(self, source: "s", destination: "s", flags: "t"):
+        await self.compat.copy(self.machine, source, destination, False, flags)
+
+    @dbus_method()
+    @mutating
+    async def CopyTo(self, source: "s", destination: "s"):
+        await self.compat.copy(self.machine, source, destination, True, 0)
+
+    @dbus_method()
+    @mutating
+    async def CopyToWithFlags(self, source: "s", destination: "s", flags: "t"):
+        await self.compat.copy(self.machine, source, destination, True, flags)
+
+    @dbus_method()
+    @mutating
+    async def BindMount(self, source: "s", destination: "s", read_only: "b", mkdir: "b"):
+        await self.compat.bind_mount(self.machine, source, destination or source, read_only,
+                                     mkdir)
+
 
 class Machine1Manager(ServiceInterface):
     def __init__(self, compat: "Machine1Service") -> None:
         super().__init__("org.freedesktop.machine1.Manager")
         self.compat = compat
 
-    def _get(self, name: str) -> Machine:
-        return self.compat.get(name)
+    def _get(self, name: str, what: str = "This call") -> Machine:
+        """A container machine; a VM guest's name is refused as machined refuses
+        container-only calls on a VM."""
+        return self.compat.get(name, what)
+
+    def _vm(self, name: str) -> VmMachine | None:
+        return self.compat.vms.get(name)
 
     @dbus_property(access=PropertyAccess.READ)
     def PoolPath(self) -> "s":
-        return str(self.compat.service.machines_dir)
+        return self.compat.pool_dirs()[0]  # where clones go, as /var/lib/machines for machined
 
     @dbus_property(access=PropertyAccess.READ)
     def PoolUsage(self) -> "t":
-        return 2**64 - 1  # unknown, as machined reports it for a non-btrfs pool
+        # machined 252 reads it from the pool's btrfs quota group and reports 2^64-1
+        # (unknown) for any other pool; hostel sets no quota groups
+        return 2**64 - 1
 
     @dbus_property(access=PropertyAccess.READ)
     def PoolLimit(self) -> "t":
@@ -138,17 +173,23 @@ class Machine1Manager(ServiceInterface):
 
     @dbus_method()
     def ListMachines(self) -> "a(ssso)":
-        return [[m.name, m.klass, m.service, machine_path(m.name)]
-                for m in self.compat.registry.all() if m.state is not State.EXITED]
+        listed = [[m.name, m.klass, m.service, machine_path(m.name)]
+                  for m in self.compat.registry.all() if m.state is not State.EXITED]
+        return listed + self.compat.vms.listed()
 
     @dbus_method()
     def GetMachine(self, name: "s") -> "o":
+        if self._vm(name) is not None:
+            return machine_path(name)
         return machine_path(self._get(name).name)
 
     @dbus_method()
     def GetMachineByPID(self, pid: "u") -> "o":
         from hostel.machine.service import pid_in_machine
 
+        vm = self.compat.vms.by_pid(pid)
+        if vm is not None:
+            return machine_path(vm)
         try:
             return machine_path(self.compat.registry.by_pid(pid, pid_in_machine).name)
         except NoSuchObject as e:
@@ -194,85 +235,148 @@ class Machine1Manager(ServiceInterface):
     @dbus_method()
     @mutating
     async def UnregisterMachine(self, name: "s"):
-        self.compat.registry.remove(self._get(name))
+        self.compat.registry.remove(self._get(name, "Unregistering (a hostel VM guest ends "
+                                                   "by TerminateMachine)"))
 
     @dbus_method()
     @mutating
     async def TerminateMachine(self, name: "s"):
+        vm = self._vm(name)
+        if vm is not None:
+            await vm.terminate()
+            return
         await self.compat.service.terminate(self._get(name))
 
     @dbus_method()
     @mutating
     def KillMachine(self, name: "s", who: "s", signal: "i"):
+        vm = self._vm(name)
+        if vm is not None:
+            vm.kill(who, signal)
+            return
         self.compat.service.kill(self._get(name), who, signal)
 
     @dbus_method()
     async def GetMachineAddresses(self, name: "s") -> "a(iay)":
-        return await addresses(self._get(name))
+        return await addresses(self._get(name, "Requesting IP address data"))
 
     @dbus_method()
-    def GetMachineOSRelease(self, name: "s") -> "a{ss}":
-        return self.compat.os_release(self._get(name))
+    async def GetMachineOSRelease(self, name: "s") -> "a{ss}":
+        return await self.compat.os_release(self._get(name, "Requesting OS release data"))
 
     @dbus_method()
     def GetMachineUIDShift(self, name: "s") -> "u":
-        return self.compat.uid_shift(self._get(name))
+        return self.compat.uid_shift(self._get(name, "Determining the UID/GID shift"))
 
     @dbus_method()
     @mutating
     def OpenMachinePTY(self, name: "s") -> "hs":
-        return self.compat.open_pty(self._get(name))
+        return self.compat.open_pty(self._get(name, "Opening pseudo TTYs"))
 
     @dbus_method()
     @mutating
     def OpenMachineLogin(self, name: "s") -> "hs":
-        raise self.compat.no_login(self._get(name))
+        raise self.compat.no_login(self._get(name, "Opening logins"))
 
     @dbus_method()
     @mutating
     async def OpenMachineShell(self, name: "s", user: "s", path: "s", args: "as",
                                environment: "as") -> "hs":
-        return await self.compat.open_shell(self._get(name), user, path, args, environment)
+        return await self.compat.open_shell(self._get(name, "Opening shells"), user, path,
+                                            args, environment)
 
-    # Images: hostel has none of machined's kind.
-
-    @dbus_method()
-    def ListImages(self) -> "a(ssbttto)":
-        raise _no_images("ListImages")
+    # Images: the machine pool (machine1_images.py)
 
     @dbus_method()
-    def GetImage(self, name: "s") -> "o":
-        raise _no_images("GetImage")
+    async def ListImages(self) -> "a(ssbttto)":
+        return [ImagePool.list_entry(image) for image in await self.compat.images.discover()]
 
     @dbus_method()
-    @mutating
-    def RemoveImage(self, name: "s"):
-        raise _no_images("RemoveImage")
+    async def GetImage(self, name: "s") -> "o":
+        """The pool image's object (machinectl start/enable/disable check that it exists)."""
+        return image_path((await self.compat.images.get(name)).name)
 
     @dbus_method()
-    @mutating
-    def RenameImage(self, name: "s", new_name: "s"):
-        raise _no_images("RenameImage")
+    async def GetImageHostname(self, name: "s") -> "s":
+        return await self.compat.images.metadata(name, pool_images.hostname)
 
     @dbus_method()
-    @mutating
-    def CloneImage(self, name: "s", new_name: "s", read_only: "b"):
-        raise _no_images("CloneImage")
+    async def GetImageMachineID(self, name: "s") -> "ay":
+        return await self.compat.images.metadata(name, pool_images.machine_id)
 
     @dbus_method()
-    @mutating
-    def MarkImageReadOnly(self, name: "s", read_only: "b"):
-        raise _no_images("MarkImageReadOnly")
+    async def GetImageMachineInfo(self, name: "s") -> "a{ss}":
+        return await self.compat.images.metadata(name, pool_images.machine_info)
+
+    @dbus_method()
+    async def GetImageOSRelease(self, name: "s") -> "a{ss}":
+        return await self.compat.images.metadata(name, pool_images.os_release)
 
     @dbus_method()
     @mutating
-    def SetPoolLimit(self, size: "t"):
-        raise _no_images("SetPoolLimit")
+    async def RemoveImage(self, name: "s"):
+        await self.compat.images.remove(name)
 
     @dbus_method()
     @mutating
-    def CleanPool(self, mode: "s") -> "a(st)":
-        raise _no_images("CleanPool")
+    async def RenameImage(self, name: "s", new_name: "s"):
+        await self.compat.images.rename(name, new_name)
+
+    @dbus_method()
+    @mutating
+    async def CloneImage(self, name: "s", new_name: "s", read_only: "b"):
+        await self.compat.images.clone(name, new_name, read_only)
+
+    @dbus_method()
+    @mutating
+    async def MarkImageReadOnly(self, name: "s", read_only: "b"):
+        await self.compat.images.mark_read_only(name, read_only)
+
+    @dbus_method()
+    @mutating
+    async def SetPoolLimit(self, size: "t"):
+        await self.compat.images.set_limit(None, size)
+
+    @dbus_method()
+    @mutating
+    async def SetImageLimit(self, name: "s", size: "t"):
+        await self.compat.images.set_limit(name, size)
+
+    # Files into and out of running containers (container_files.py)
+
+    @dbus_method()
+    @mutating
+    async def CopyFromMachine(self, name: "s", source: "s", destination: "s"):
+        await self.compat.copy(self._get(name, "Copying files"), source, destination, False, 0)
+
+    @dbus_method()
+    @mutating
+    async def CopyFromMachineWithFlags(self, name: "s", source: "s", destination: "s",
+                                       flags: "t"):
+        await self.compat.copy(self._get(name, "Copying files"), source, destination, False, flags)
+
+    @dbus_method()
+    @mutating
+    async def CopyToMachine(self, name: "s", source: "s", destination: "s"):
+        await self.compat.copy(self._get(name, "Copying files"), source, destination, True, 0)
+
+    @dbus_method()
+    @mutating
+    async def CopyToMachineWithFlags(self, name: "s", source: "s", destination: "s",
+                                     flags: "t"):
+        await self.compat.copy(self._get(name, "Copying files"), source, destination, True, flags)
+
+    @dbus_method()
+    @mutating
+    async def BindMountMachine(self, name: "s", source: "s", destination: "s",
+                               read_only: "b", mkdir: "b"):
+        await self.compat.bind_mount(self._get(name, "Bind mounting"), source, destination or source,
+                                     read_only, mkdir)
+
+    @dbus_method()
+    @mutating
+    async def CleanPool(self, mode: "s") -> "a(st)":
+        return await self.compat.images.clean(mode)
 
     @dbus_signal()
     def MachineNew(self, name: str, path: str) -> "so":
@@ -286,18 +390,69 @@ class Machine1Manager(ServiceInterface):
 class Machine1Service:
     """Owns the compat objects, following the registry like MachineService does."""
 
-    def __init__(self, dispatcher: Dispatcher, registry: Registry, service: Any) -> None:
+    def __init__(self, dispatcher: Dispatcher, registry: Registry, service: Any,
+                 guests: GuestControl) -> None:
         self.dispatcher = dispatcher
         self.registry = registry
         self.service = service  # hostel.machine.service.MachineService
         self.manager = Machine1Manager(self)
         self.objects: dict[str, Machine1Machine] = {}
+        # the VM guests, kept by the guest manager: machines of class vm here
+        self.vms = VmMachines(dispatcher, guests, machine_path, self._announce,
+                              lambda name: name in self.objects)
+        self.images = ImagePool(dispatcher, self.pool_dirs, self.machines_using)
+
+    def pool_dirs(self) -> list[str]:
+        return pool.pool_dirs(self.service.machines_dir.parent)
+
+    def machines_using(self, image: Image) -> list[str]:
+        """Running machines whose tree or disk image is `image`."""
+        def paths(m: Machine) -> list[str]:
+            given = [getattr(m.settings.get(k), "value", m.settings.get(k))
+                     for k in ("Directory", "Image", "Template")]
+            return [p for p in [m.root_directory, *given] if isinstance(p, str) and p]
+
+        return sorted(m.name for m in self.registry.all() if m.state is not State.EXITED
+                      and any(paths_equal(p, image.path) for p in paths(m)))
+
+    def _running_container(self, machine: Machine, what: str) -> int:
+        if machine.klass != "container":
+            raise NotSupported(f"{what} is only supported on container machines.")
+        if machine.state is not State.RUNNING or not machine.leader:
+            raise NotSupported(f"{what}: machine {machine.name} is not running")
+        return machine.leader
+
+    async def copy(self, machine: Machine, source: str, destination: str, to_machine: bool,
+                   flags: int) -> None:
+        """machinectl copy-to (host source) and copy-from (container source)."""
+        leader = self._running_container(machine, "Copying files")
+        replace = _copy_flags(flags)
+        host, inside = (source, destination) if to_machine else (destination, source)
+        request = container_files.Copy(leader, host, inside or host, replace,
+                                       self.uid_shift(machine))
+        work = container_files.copy_to if to_machine else container_files.copy_from
+        await run_long(work, request)
+
+    async def bind_mount(self, machine: Machine, source: str, destination: str,
+                         read_only: bool, mkdir: bool) -> None:
+        leader = self._running_container(machine, "Bind mounting")
+        mount_fd = await asyncio.to_thread(container_files.prepare_bind, leader, source,
+                                           destination, read_only, mkdir,
+                                           self.uid_shift(machine))
+        await container_files.attach(leader, mount_fd, source, destination)
 
     def export(self) -> None:
         self.dispatcher.export(MANAGER_PATH, self.manager)
         for machine in self.registry.all():
             self._on_registry(Event.NEW, machine, {})
         self.registry.subscribe(self._on_registry)
+        self.vms.follow()
+
+    def _announce(self, name: str, path: str, new: bool) -> None:
+        if new:
+            self.manager.MachineNew(name, path)
+        else:
+            self.manager.MachineRemoved(name, path)
 
     def _on_registry(self, event: Event, machine: Machine, changed: dict[str, Any]) -> None:
         path = machine_path(machine.name)
@@ -306,7 +461,7 @@ class Machine1Service:
             self.dispatcher.export(path, self.objects[machine.name])
             self.manager.MachineNew(machine.name, path)
         elif event is Event.CHANGED and machine.name in self.objects:
-            props = {}
+            props: dict[str, object] = {}
             if "state" in changed:
                 props["State"] = _machined_state(machine)
             if "leader" in changed:
@@ -319,17 +474,20 @@ class Machine1Service:
             self.dispatcher.unexport(path, self.objects.pop(machine.name))
             self.manager.MachineRemoved(machine.name, path)
 
-    def get(self, name: str) -> Machine:
+    def get(self, name: str, what: str = "This call") -> Machine:
+        """The registry's machine; `what` names the call refused on a VM guest's name."""
         try:
             return self.registry.get(name)
         except NoSuchObject as e:
+            if self.vms.get(name) is not None:
+                raise containers_only(f"{what} (machine {name} is a VM)") from None
             raise NoSuchMachine(str(e)) from None
 
     @staticmethod
-    def os_release(machine: Machine) -> dict[str, str]:
+    async def os_release(machine: Machine) -> dict[str, str]:
         from hostel.machine.service import os_release
 
-        return os_release(machine)
+        return await os_release(machine)
 
     @staticmethod
     def uid_shift(machine: Machine) -> int:

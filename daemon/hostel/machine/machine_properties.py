@@ -5,7 +5,7 @@ the same registry entry with the same names and types for these; each
 interface adds its own (State differs: machined has no "exited")."""
 from __future__ import annotations
 
-from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
 from hostel.machine.registry import Machine
 
@@ -56,3 +56,11 @@ class MachineProperties(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def NetworkInterfaces(self) -> "ai":
         return self.machine.network_interfaces
+
+    @dbus_method()
+    async def GetAddresses(self) -> "a(iay)":
+        """machined's Machine.GetAddresses, on both interfaces: hostelctl status and list
+        show them as machinectl does (read in the machine's network namespace)."""
+        from hostel.machine.machine1 import addresses  # machine1 builds on this module
+
+        return await addresses(self.machine)

@@ -1,11 +1,13 @@
-"""Container networking: veth pairs, bridges, macvlan and moved interfaces.
+"""Container networking: veth pairs, bridges, zones (network_zone.py), macvlan, moved
+interfaces, and the --port watcher's life (port_forward.py).
 
 All of it runs in the parent after the child was cloned with CLONE_NEWNET and
 before it execs its payload. The container's namespace is reached through
 /proc/PID/ns/net: links are created straight into it (IFLA_NET_NS_FD), and the
 few operations that must happen inside it (loopback up, reading addresses) go
-through a netlink socket opened there by a short-lived thread, so the daemon
-never forks and never changes its own namespace.
+through a netlink socket opened there by a helper thread (rtnl.open_in_netns),
+so the daemon never forks and never changes its own namespace. Netlink is
+spoken through rtnl.py, not pyroute2, which costs 1-2 ms per request.
 
 The functions here block on netlink; the daemon calls them from a worker
 thread (asyncio.to_thread), never from the event loop.
@@ -18,20 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pyudev
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from hostel import native
 from hostel.bus import HostelError, InvalidArgs
+from hostel.machine import link_removal, network_zone, port_forward, rtnl
+from hostel.machine.port_forward import PortForwarder, PortSpec
 from hostel.machine.siphash import siphash24
 
 IFNAMSIZ = 16
@@ -45,6 +44,8 @@ RT_SCOPE_HOST = 254
 HOST_HASH_KEY = bytes.fromhex("1a376fc746ec450bada3d53106605db1")
 CONTAINER_HASH_KEY = bytes.fromhex("c3c4f919b557b21ce6cf1427039ceea2")
 MACVLAN_HASH_KEY = bytes.fromhex("00136dbc66834481bb0cf9511f24a66f")
+
+log = logging.getLogger(__name__)
 
 MACHINE_ID_PATH = Path("/etc/machine-id")
 SYS_CLASS_NET = Path("/sys/class/net")
@@ -163,13 +164,16 @@ def _check_host_interface(name: str, option: str) -> None:
 @dataclass
 class NetworkSettings:
     """The network options of a container (systemd-nspawn's --private-network,
-    --network-veth, --network-bridge, --network-interface, --network-macvlan)."""
+    --network-veth, --network-bridge, --network-zone, --network-interface,
+    --network-macvlan, --port)."""
 
     private_network: bool = False
     veth: bool = False
     bridge: str | None = None
     interfaces: list[str] = field(default_factory=list)
     macvlan: list[str] = field(default_factory=list)
+    zone: str | None = None  # the zone's bridge name, vz-NAME (network_zone.bridge_name)
+    ports: list[PortSpec] = field(default_factory=list)
 
     @property
     def private(self) -> bool:
@@ -179,8 +183,9 @@ class NetworkSettings:
 
     @property
     def uses_veth(self) -> bool:
-        """A bridge is joined through a veth, so --network-bridge implies --network-veth."""
-        return self.veth or self.bridge is not None
+        """A bridge or zone is joined through a veth, so --network-bridge and
+        --network-zone imply --network-veth."""
+        return self.veth or self.bridge is not None or self.zone is not None
 
     def validate(self) -> None:
         """Check every named interface on the host now, so a typo fails the call
@@ -221,13 +226,16 @@ class NetworkSettings:
 # Netlink plumbing ----------------------------------------------------------
 
 
-def _failed(what: str, err: NetlinkError, hints: dict[int, str] | None = None) -> NetworkError:
-    hint = (hints or {}).get(err.code) or _HINTS.get(err.code)
-    return NetworkError(f"{what}: {os.strerror(err.code)}" + (f" ({hint})" if hint else ""))
+def _failed(what: str, err: OSError, hints: dict[int, str] | None = None) -> NetworkError:
+    code = err.errno or 0
+    hint = (hints or {}).get(code) or _HINTS.get(code)
+    detail = getattr(err, "detail", "")
+    text = os.strerror(code) + (f": {detail}" if detail else "")
+    return NetworkError(f"{what}: {text}" + (f" ({hint})" if hint else ""))
 
 
 def _require_no_event_loop() -> None:
-    """pyroute2's synchronous API runs its own event loop; it cannot nest in the daemon's."""
+    """Netlink requests block (the zone lock for seconds, at worst): never on the daemon's loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -252,45 +260,21 @@ def _refuse_host_namespace(nsfd: int, pid: int) -> None:
                            "with a private network must be cloned with CLONE_NEWNET")
 
 
-def _netlink_socket_in(nsfd: int) -> int:
-    """Open a NETLINK_ROUTE socket inside the namespace `nsfd`.
-
-    A socket belongs to the namespace it was created in, so a throwaway thread
-    joins the namespace, opens it and ends; the daemon's own threads stay put."""
-    def create() -> int:
-        native.setns(nsfd, native.CLONE_NEWNET)
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
-                             socket.NETLINK_ROUTE)
-        return sock.detach()
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hostel-netns") as pool:
-        return pool.submit(create).result()
-
-
-@contextmanager
-def _host_netlink() -> Iterator[IPRoute]:
-    _require_no_event_loop()
-    with IPRoute(ext_ack=True) as ipr:
-        yield ipr
-
-
-@contextmanager
-def _container_netlink(nsfd: int, pid: int) -> Iterator[IPRoute]:
-    _require_no_event_loop()
+def container_netlink(nsfd: int, pid: int, groups: int = 0, *,
+                      nonblocking: bool = False) -> rtnl.Rtnl:
+    """A netlink socket inside the container's namespace (see rtnl.open_in_netns)."""
     try:
-        fd = _netlink_socket_in(nsfd)
+        return rtnl.open_in_netns(nsfd, groups, nonblocking=nonblocking)
     except OSError as err:
         raise NetworkError(f"entering the network namespace of process {pid}: {err.strerror}") from err
-    with IPRoute(fileno=fd, ext_ack=True) as ipr:
-        yield ipr
 
 
-def _index_of(ipr: IPRoute, name: str, where: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise NetworkError(f"looking up interface {name} {where}: no such interface "
-                           "(was it renamed or removed meanwhile?)")
-    return found[0]
+def _host_index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise NetworkError(f"looking up interface {name} on the host: no such interface "
+                           "(was it renamed or removed meanwhile?)") from None
 
 
 # Setup and teardown --------------------------------------------------------
@@ -307,17 +291,44 @@ class NetworkSetup:
     host_veth_index: int | None = None
     macvlans: list[str] = field(default_factory=list)
     moved: list[str] = field(default_factory=list)
+    zone_bridge: str | None = None  # --network-zone's bridge, removed once no member is left
+    # --port specs (PortSpec's str): the hosteld that adopts the machine follows its
+    # address with them again (resume_forwarding); what it cannot follow is purged at exit.
+    ports: list[str] = field(default_factory=list)
+    # Pins the container's namespace while it has moved interfaces, so that teardown can
+    # hand them back after the container ended (virtual links would die with it). Only
+    # meaningful in this process: restore() drops a saved one.
+    netns_fd: int = -1
+
+    @classmethod
+    def restore(cls, saved: dict) -> "NetworkSetup":
+        """The setup of a machine an earlier hosteld started, from its state file; the
+        namespace of a still running leader is pinned again for its moved interfaces."""
+        setup = cls(**{k: v for k, v in saved.items() if k != "netns_fd"})
+        if setup.moved:
+            try:
+                nsfd = open_netns(setup.pid)
+            except NetworkError as err:
+                log.warning("machine %s: cannot hand %s back at its exit: %s",
+                            setup.machine_name, ", ".join(setup.moved), err)
+                return setup
+            if os.fstat(nsfd).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+                os.close(nsfd)  # not the container's (the pid is someone else's now)
+            else:
+                setup.netns_fd = nsfd
+        return setup
 
 
 def setup_network(settings: NetworkSettings, machine_name: str, pid: int) -> NetworkSetup:
     """Give the container `pid` (already in its own network namespace) its links.
 
     Order as in systemd-nspawn: move interfaces in, create the veth pair,
-    join the bridge, create macvlans; then loopback up. On failure whatever
-    was done is undone before the error is raised."""
+    join the bridge or zone, create macvlans; then loopback up. On failure
+    whatever was done is undone before the error is raised."""
     setup = NetworkSetup(machine_name, pid)
     if not settings.private:
         return setup
+    _require_no_event_loop()
     if settings.uses_veth:
         _check_machine_name(machine_name)
     # Only MACs need the machine ID: a bare --private-network works without one.
@@ -325,16 +336,86 @@ def setup_network(settings: NetworkSettings, machine_name: str, pid: int) -> Net
     nsfd = open_netns(pid)
     try:
         _refuse_host_namespace(nsfd, pid)
-        with _host_netlink() as host, _container_netlink(nsfd, pid) as container:
+        with rtnl.Rtnl() as host, container_netlink(nsfd, pid) as container:
             try:
                 _populate(setup, settings, host, container, nsfd, machine_id)
             except HostelError as err:
                 for problem in _undo(setup, host, container):
                     err.add_note(problem)
                 raise
-    finally:
+    except BaseException:
+        os.close(nsfd)
+        raise
+    if setup.moved:
+        setup.netns_fd = nsfd  # teardown hands them back (see NetworkSetup.netns_fd)
+    else:
         os.close(nsfd)
     return setup
+
+
+# --port watchers by (machine name, leader pid): a thread is no state-file material.
+_FORWARDERS: dict[tuple[str, int], PortForwarder] = {}
+
+
+def _start_forwarding(setup: NetworkSetup, ports: list[PortSpec], nsfd: int) -> None:
+    """Follow the container's address with its --port rules (port_forward.py); a failure
+    undoes the links made, like any other part of the setup."""
+    watch = container_netlink(nsfd, setup.pid, rtnl.RTMGRP_IPV4_IFADDR, nonblocking=True)
+    try:
+        forwarder = PortForwarder(setup.machine_name, ports, watch,
+                                  container_netlink(nsfd, setup.pid))
+    except BaseException:
+        watch.close()
+        raise
+    try:
+        forwarder.start()
+    except BaseException as err:
+        forwarder.stop()
+        if isinstance(err, OSError):
+            raise NetworkError(f"forwarding --port into the container: {err}") from err
+        raise
+    _FORWARDERS[(setup.machine_name, setup.pid)] = forwarder
+
+
+def resume_forwarding(setup: NetworkSetup) -> None:
+    """After a hosteld restart: follow the adopted container's address with its --port
+    rules again, as the hosteld that started it did. Its namespace is its leader's
+    (/proc/PID/ns/net; the caller has checked that the leader is the same process). The
+    rules it has meanwhile are replaced once the new ones are in (PortForwarder.start).
+    A failure is logged: the rules then stay as they are until the machine ends."""
+    if not setup.ports or (setup.machine_name, setup.pid) in _FORWARDERS:
+        return
+    _require_no_event_loop()
+    try:
+        ports = [port_forward.parse_port(spec) for spec in setup.ports]
+        nsfd = open_netns(setup.pid)
+    except HostelError as err:
+        log.warning("machine %s: its --port rules stay as they are until it ends: %s",
+                    setup.machine_name, err)
+        return
+    try:
+        _refuse_host_namespace(nsfd, setup.pid)
+        _start_forwarding(setup, ports, nsfd)
+    except HostelError as err:
+        log.warning("machine %s: its --port rules stay as they are until it ends: %s",
+                    setup.machine_name, err)
+    finally:
+        os.close(nsfd)  # the watcher's sockets pin the namespace
+
+
+def _stop_forwarding(setup: NetworkSetup) -> None:
+    """Remove the --port rules: the watcher's, or (adopted) whatever carries the machine's
+    comment. A failure is logged: the rest of the teardown must still run."""
+    forwarder = _FORWARDERS.pop((setup.machine_name, setup.pid), None)
+    try:
+        if forwarder is not None:
+            forwarder.stop()
+        elif setup.ports:
+            port_forward.purge(setup.machine_name)
+    except HostelError as err:
+        log.error("machine %s: removing its --port rules: %s", setup.machine_name, err)
+    setup.ports = []
+
 
 
 def _check_machine_name(machine_name: str) -> None:
@@ -343,8 +424,8 @@ def _check_machine_name(machine_name: str) -> None:
                           "(it must be non-empty, without '/', ':' or whitespace)")
 
 
-def _populate(setup: NetworkSetup, settings: NetworkSettings, host: IPRoute,
-              container: IPRoute, nsfd: int, machine_id: bytes) -> None:
+def _populate(setup: NetworkSetup, settings: NetworkSettings, host: rtnl.Rtnl,
+              container: rtnl.Rtnl, nsfd: int, machine_id: bytes) -> None:
     for name in settings.interfaces:
         _move_interface(host, name, nsfd)
         setup.moved.append(name)
@@ -353,107 +434,163 @@ def _populate(setup: NetworkSetup, settings: NetworkSettings, host: IPRoute,
     for index, parent in enumerate(settings.macvlan):
         _create_macvlan(setup, host, parent, index, nsfd, machine_id)
     try:
-        container.link("set", index=LOOPBACK_IFINDEX, state="up")
-    except NetlinkError as err:
+        container.set_link(LOOPBACK_IFINDEX, up=True)
+    except OSError as err:
         raise _failed(f"bringing up loopback in the network namespace of process {setup.pid}", err) from err
+    if settings.ports:
+        setup.ports = [str(port) for port in settings.ports]
+        _start_forwarding(setup, settings.ports, nsfd)
 
 
-def _move_interface(host: IPRoute, name: str, nsfd: int) -> None:
+def _move_interface(host: rtnl.Rtnl, name: str, nsfd: int) -> None:
     try:
-        host.link("set", index=_index_of(host, name, "on the host"), net_ns_fd=nsfd)
-    except NetlinkError as err:
+        host.set_link(_host_index(name), netns_fd=nsfd)
+    except OSError as err:
         raise _failed(f"moving interface {name} into the container", err, {
             errno.EINVAL: "loopback, bridges and some virtual interfaces cannot change network namespace",
         }) from err
 
 
-def _create_veth(setup: NetworkSetup, settings: NetworkSettings, host: IPRoute,
+def _create_veth(setup: NetworkSetup, settings: NetworkSettings, host: rtnl.Rtnl,
                  nsfd: int, machine_id: bytes) -> None:
-    name = veth_name(setup.machine_name, settings.bridge is not None)
+    bridged = settings.bridge is not None or settings.zone is not None
+    name = veth_name(setup.machine_name, bridged)
     what = f"creating veth {name}/{CONTAINER_IFNAME}"
     try:
-        host.link("add", ifname=name, kind="veth",
-                  address=generate_mac(setup.machine_name, HOST_HASH_KEY, 0, machine_id),
-                  peer={"ifname": CONTAINER_IFNAME,
-                        "address": generate_mac(setup.machine_name, CONTAINER_HASH_KEY, 0, machine_id),
-                        "net_ns_fd": nsfd})
-    except NetlinkError as err:
+        host.add_veth(name, generate_mac(setup.machine_name, HOST_HASH_KEY, 0, machine_id),
+                      CONTAINER_IFNAME,
+                      generate_mac(setup.machine_name, CONTAINER_HASH_KEY, 0, machine_id), nsfd)
+    except OSError as err:
         raise _failed(what, err, {errno.EEXIST: "another container with this name?"}) from err
     setup.host_veth = name
-    setup.host_veth_index = _index_of(host, name, "on the host")
-    link_up = {"state": "up"}
-    if settings.bridge is not None:
-        bridge_index = _index_of(host, settings.bridge, "on the host")
-        link_up["master"] = bridge_index
+    setup.host_veth_index = _host_index(name)
+    if settings.zone is not None:
+        bridge_index = network_zone.join_zone(host, setup.host_veth_index, name, settings.zone)
+        setup.zone_bridge = settings.zone
         setup.interfaces.append(bridge_index)
+        return
+    master = None
+    if settings.bridge is not None:
+        master = _host_index(settings.bridge)
+        setup.interfaces.append(master)
         what = f"adding {name} to bridge {settings.bridge}"
     else:
         setup.interfaces.append(setup.host_veth_index)
         what = f"bringing up {name}"
     try:
-        host.link("set", index=setup.host_veth_index, **link_up)
-    except NetlinkError as err:
+        host.set_link(setup.host_veth_index, up=True, master=master)
+    except OSError as err:
         raise _failed(what, err) from err
 
 
-def _create_macvlan(setup: NetworkSetup, host: IPRoute, parent: str, index: int,
+def _create_macvlan(setup: NetworkSetup, host: rtnl.Rtnl, parent: str, index: int,
                     nsfd: int, machine_id: bytes) -> None:
     name = macvlan_name(parent)
     try:
-        host.link("add", ifname=name, kind="macvlan", link=_index_of(host, parent, "on the host"),
-                  macvlan_mode="bridge", net_ns_fd=nsfd,
-                  address=generate_mac(setup.machine_name, MACVLAN_HASH_KEY, index, machine_id))
-    except NetlinkError as err:
+        host.add_macvlan(name, _host_index(parent),
+                         generate_mac(setup.machine_name, MACVLAN_HASH_KEY, index, machine_id), nsfd)
+    except OSError as err:
         raise _failed(f"creating macvlan {name} on {parent}", err) from err
     setup.macvlans.append(name)
 
 
-def _undo(setup: NetworkSetup, host: IPRoute, container: IPRoute) -> list[str]:
-    """Roll back a half-done setup: delete our veth and hand moved interfaces back,
-    since virtual ones would otherwise die with the container's namespace.
-    Returns what could not be undone, for the caller to add to its error."""
+def _undo(setup: NetworkSetup, host: rtnl.Rtnl, container: rtnl.Rtnl) -> list[str]:
+    """Roll back a half-done setup: delete our veth (and an emptied zone bridge) and hand
+    moved interfaces back, since virtual ones would otherwise die with the container's
+    namespace. Returns what could not be undone, for the caller to add to its error."""
     problems = []
     try:
         _delete_host_veth(setup, host)
+        if setup.zone_bridge is not None:
+            network_zone.leave_zone(host, setup.zone_bridge)
     except NetworkError as err:
         problems.append(f"while undoing: {err}")
+    return problems + [f"while undoing: {p}" for p in _move_back(setup, container)]
+
+
+def _move_back(setup: NetworkSetup, container: rtnl.Rtnl) -> list[str]:
+    """Hand the moved interfaces back to the host under their names, last moved first
+    (as nspawn 252 does at exit); returns what could not be moved."""
+    problems = []
     host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for name in reversed(setup.moved):
             try:
-                container.link("set", index=_index_of(container, name, "in the container"),
-                               net_ns_fd=host_ns)
-            except (NetlinkError, NetworkError) as err:
-                problems.append(f"while undoing: moving {name} back to the host: {err}")
+                container.set_link(container.index_of(name), netns_fd=host_ns)
+            except OSError as err:
+                problems.append(str(_failed(f"moving {name} back to the host", err)))
     finally:
         os.close(host_ns)
     setup.moved.clear()
     return problems
 
 
-def _delete_host_veth(setup: NetworkSetup, host: IPRoute) -> None:
+def _delete_host_veth(setup: NetworkSetup, host: rtnl.Rtnl) -> None:
     """Delete the host end of our veth, if it is still ours: only an index that
     still carries our name, so an unrelated link can never be hit."""
     if setup.host_veth_index is None:
         return
     try:
-        current = host.link("get", index=setup.host_veth_index)[0].get("ifname")
-        if current == setup.host_veth:
-            host.link("del", index=setup.host_veth_index)
-    except NetlinkError as err:
-        if err.code != errno.ENODEV:
+        if socket.if_indextoname(setup.host_veth_index) == setup.host_veth:
+            host.delete_link(setup.host_veth_index)
+    except OSError as err:
+        if err.errno not in (errno.ENODEV, errno.ENXIO):  # gone with the container's namespace
             raise _failed(f"deleting veth {setup.host_veth}", err) from err
     setup.host_veth_index = None
 
 
-def teardown_network(setup: NetworkSetup) -> None:
-    """Remove what the container left on the host. The veth usually goes with
-    the container's namespace; this covers a container that never ran or
-    still runs. Safe to call more than once."""
-    if setup.host_veth_index is None:
+def teardown_network(setup: NetworkSetup, *, defer: bool = False) -> None:
+    """Give the host back its moved interfaces and remove what the container left on it.
+    The veth usually goes with the container's namespace; this covers a container that
+    never ran or still runs. Safe to call more than once.
+
+    defer: the kernel's acknowledgement of the deletions is left to a background thread
+    (link_removal.py): this returns once the veth and an emptied zone bridge are out of
+    view, as systemd-nspawn 252 leaves them when it exits, so that the container's exit
+    is reported without the kernel's RCU wait (10-30 ms per link here)."""
+    _require_no_event_loop()
+    _stop_forwarding(setup)
+    if setup.netns_fd >= 0:
+        try:
+            _return_interfaces(setup)
+        finally:
+            os.close(setup.netns_fd)
+            setup.netns_fd = -1
+    if setup.host_veth_index is None and setup.zone_bridge is None:
         return
-    with _host_netlink() as host:
-        _delete_host_veth(setup, host)
+    with rtnl.Rtnl() as host:
+        if defer:
+            _remove_host_veth_quickly(setup)
+        else:
+            _delete_host_veth(setup, host)
+        if setup.zone_bridge is not None:
+            network_zone.leave_zone(host, setup.zone_bridge, quick=defer)
+            setup.zone_bridge = None
+
+
+def _remove_host_veth_quickly(setup: NetworkSetup) -> None:
+    if setup.host_veth_index is None or setup.host_veth is None:
+        return
+    try:
+        link_removal.remove(setup.host_veth_index, setup.host_veth)
+    except OSError as err:
+        raise _failed(f"deleting veth {setup.host_veth}", err) from err
+    setup.host_veth_index = None
+
+
+def _return_interfaces(setup: NetworkSetup) -> None:
+    """Move the interfaces back out of the pinned namespace; one that cannot go back (its
+    name is taken on the host now, or the container removed it) is logged, not fatal:
+    the rest of the teardown must still run."""
+    if not setup.moved:
+        return
+    try:
+        with container_netlink(setup.netns_fd, setup.pid) as container:
+            problems = _move_back(setup, container)
+    except NetworkError as err:
+        problems = [str(err)]
+    for problem in problems:
+        log.error("machine %s: %s", setup.machine_name, problem)
 
 
 # Inspection ----------------------------------------------------------------
@@ -462,22 +599,15 @@ def teardown_network(setup: NetworkSetup) -> None:
 def interface_addresses(pid: int) -> list[tuple[int, str]]:
     """(family, address) of every address in the namespace of `pid` a peer could
     reach, as machined's GetAddresses lists them: no host-scope, no deprecated ones."""
+    _require_no_event_loop()
     nsfd = open_netns(pid)
     try:
-        with _container_netlink(nsfd, pid) as ipr:
+        with container_netlink(nsfd, pid) as netlink:
             try:
-                messages = ipr.addr("dump")
-            except NetlinkError as err:
+                found = netlink.addresses()
+            except OSError as err:
                 raise _failed(f"listing addresses in the network namespace of process {pid}", err) from err
     finally:
         os.close(nsfd)
-    found = []
-    for msg in messages:
-        flags = msg.get("IFA_FLAGS")
-        if flags is None:
-            flags = msg["flags"]
-        if msg["scope"] >= RT_SCOPE_HOST or flags & IFA_F_DEPRECATED:
-            continue
-        # IFA_LOCAL is our own end of an IPv4 point-to-point link; IPv6 has only IFA_ADDRESS.
-        found.append((msg["family"], msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")))
-    return found
+    return [(a.family, a.address) for a in found
+            if a.scope < RT_SCOPE_HOST and not a.flags & IFA_F_DEPRECATED]

@@ -9,9 +9,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from hostel.bus import AlreadyExists, NoSuchObject
+
+if TYPE_CHECKING:  # the runtime names the runner's pieces; the registry only holds it
+    from hostel.machine.runtime import Runtime
 
 
 class State(str, enum.Enum):
@@ -49,9 +52,10 @@ class Machine:
     timestamp_monotonic_us: int = field(default_factory=_monotonic_us)
     network_interfaces: list[int] = field(default_factory=list)
     exit_status: int = -1
+    exit_signal: int = 0  # the signal that ended PID 1 (0: it exited)
     settings: dict[str, Any] = field(default_factory=dict)
     registered_only: bool = False  # RegisterMachine: hostel did not start it
-    runtime: Any = None            # the runner's handle (pidfd, cgroups, cleanup)
+    runtime: Runtime | None = None  # the runner's handle (pidfd, cgroups, cleanup)
 
 
 Listener = Callable[[Event, Machine, dict[str, Any]], None]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fnmatch
 import os
 import re
 import secrets
@@ -16,12 +17,14 @@ import subprocess
 from types import TracebackType
 
 from hostel import native
+from hostel._native import lib
 from hostel.bus import HostelError, InvalidArgs
+from hostel.machine import userns
+from hostel.machine.settings import PrivateUsers
 from hostel.spawn import Plan
 
 OS_RELEASE_PATHS = ("etc/os-release", "usr/lib/os-release")
 BTRFS_SUBVOLUME_INODE = 256
-_MAX_SYMLINKS = 40
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _OVERLAY_SPECIAL = frozenset(",:\\")
@@ -76,77 +79,106 @@ def is_mount_point(path: str) -> bool:
 
 # Files inside a tree -----------------------------------------------------------------
 
-def _components(path: str) -> list[str]:
-    return [c for c in path.split("/") if c not in ("", ".")]
+# File systems whose "regular files" are kernel interfaces: reading them may
+# block for ever (/proc/kmsg), consume state, or wait on a user-space server
+# (FUSE). statfs(2) f_type values.
+PSEUDO_FILESYSTEMS = {
+    0x9FA0: "proc", 0x62656572: "sysfs", 0x65735546: "fuse", 0x64626720: "debugfs",
+    0x74726163: "tracefs", 0x73636673: "securityfs", 0x62656570: "configfs",
+    0xCAFE4A11: "bpf", 0x6165676C: "pstore", 0xDE5E81E4: "efivarfs", 0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+}
+MAX_TREE_FILE = 1 << 20
 
 
-def open_in_root(root: str, path: str) -> int:
-    """An O_PATH descriptor of `path` as seen with `root` as "/".
+def open_in_root(root: str, path: str, flags: int = os.O_PATH) -> int:
+    """A descriptor of `path` as seen with `root` as "/" (openat2 RESOLVE_IN_ROOT).
 
-    Walks one component at a time with O_NOFOLLOW and resolves each symlink
-    itself, so an absolute symlink or a ".." in the guest's tree ends at the
-    tree's root and never at the host's. Raises FileNotFoundError when absent."""
-    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-    # The root itself is trusted (it may be /proc/PID/root, a magic link); what is inside is not.
-    stack = [os.open(root, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY)]
-    todo = _components(path)
-    links = 0
-    try:
-        while todo:
-            name = todo.pop(0)
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                continue
-            fd = os.open(name, flags, dir_fd=stack[-1])
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISLNK(mode):
-                target = os.readlink(name, dir_fd=stack[-1])
-                os.close(fd)
-                links += 1
-                if links > _MAX_SYMLINKS:
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.path.join(root, path))
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop())
-                todo[:0] = _components(target)
-                continue
-            stack.append(fd)
-            if todo and not stat.S_ISDIR(mode):
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
-                                         os.path.join(root, path))
-        return stack.pop()
-    finally:
-        for fd in stack:
-            os.close(fd)
+    The kernel resolves every component inside the tree: an absolute symlink
+    or a ".." in the guest's tree ends at the tree's root, never at the
+    host's, and magic links are refused. `root` itself is trusted (it may be
+    /proc/PID/root, a magic link). Raises FileNotFoundError when absent."""
+    fd = lib.hostel_open_beneath(os.fsencode(root), os.fsencode(path.lstrip("/")),
+                                 flags | os.O_CLOEXEC, 0)
+    if fd < 0:
+        raise OSError(-fd, os.strerror(-fd), os.path.join(root, path.lstrip("/")))
+    return fd
 
 
 def exists_in_root(root: str, path: str) -> bool:
     try:
-        os.close(open_in_root(root, path))
+        os.close(open_in_root(root, path, os.O_PATH))
     except (FileNotFoundError, NotADirectoryError):
         return False
     return True
 
 
-def read_file_in_root(root: str, path: str, max_size: int = 1 << 20) -> bytes | None:
-    """The contents of a small regular file inside `root`; None when it does not exist."""
+def readlink_in_root(root: str, path: str) -> str:
+    """The target of the symlink `path` in the tree (OSError if it is none)."""
+    parent, name = os.path.split(path.strip("/"))
+    fd = open_in_root(root, parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return os.readlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def makedirs_in_root(root: str, path: str, mode: int = 0o755) -> None:
+    """mkdir -p of `path` inside the tree: each component made in its parent as the
+    tree resolves it, so a symlinked /var cannot make the directories on the host."""
+    done = ""
+    for name in [c for c in path.split("/") if c not in ("", ".")]:
+        fd = open_in_root(root, done, os.O_PATH | os.O_DIRECTORY)
+        try:
+            os.mkdir(name, mode, dir_fd=fd)
+        except FileExistsError:
+            pass
+        finally:
+            os.close(fd)
+        done = f"{done}/{name}"
+
+
+def _refuse_unreadable(fd: int, where: str) -> None:
+    """Only regular files on ordinary file systems are read from a tree: a FIFO or a
+    device blocks or never ends, and a kernel interface bound over a file may block."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise RootfsError(f"{where} is not a regular file; refusing to read it")
+    fs_type = lib.hostel_fs_type(fd)
+    if fs_type in PSEUDO_FILESYSTEMS:
+        raise RootfsError(f"{where} is on a {PSEUDO_FILESYSTEMS[fs_type]} file system "
+                          "(a kernel interface, not a file); refusing to read it")
+
+
+def read_file_in_root(root: str, path: str, max_size: int = MAX_TREE_FILE) -> bytes | None:
+    """The contents of a small regular file inside `root`; None when it does not exist.
+
+    Never blocks: the file is checked through an O_PATH descriptor before it is
+    opened (non-blocking) through that very descriptor, and at most max_size
+    bytes are read (a huge sparse file is refused, not read)."""
+    where = f"{path} in {root}"
     try:
         handle = open_in_root(root, path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
-        raise RootfsError(f"Cannot open {path} in {root}: {e.strerror}") from e
+        raise RootfsError(f"Cannot open {where}: {e.strerror}") from e
     try:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
-            raise RootfsError(f"{path} in {root} is not a regular file; refusing to read it")
-        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
+        _refuse_unreadable(handle, where)
+        if os.fstat(handle).st_size > max_size:
+            raise RootfsError(f"{where} is larger than {max_size} bytes; refusing to read it")
+        fd = os.open(f"/proc/self/fd/{handle}",
+                     os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise RootfsError(f"Cannot open {where}: {e.strerror}") from e
     finally:
         os.close(handle)
     with os.fdopen(fd, "rb") as f:
-        data = f.read(max_size + 1)
+        try:
+            data = f.read(max_size + 1)
+        except OSError as e:
+            raise RootfsError(f"Cannot read {where}: {e.strerror}") from e
     if len(data) > max_size:
-        raise RootfsError(f"{path} in {root} is larger than {max_size} bytes; refusing to read it")
+        raise RootfsError(f"{where} is larger than {max_size} bytes; refusing to read it")
     return data
 
 
@@ -186,6 +218,49 @@ def parse_os_release(text: str) -> dict[str, str]:
         if sep and _KEY.fullmatch(key):
             fields[key] = _unquote(value)
     return fields
+
+
+# Where nspawn 252 looks for the tree's libsystemd-shared-VERSION.so ("*" one directory).
+_SYSTEMD_LIBRARY_DIRS = ("/lib/systemd", "/lib64/systemd", "/usr/lib/*-linux-*/systemd",
+                         "/usr/lib/systemd", "/usr/lib64/systemd")
+_SHARED_LIBRARY = re.compile(r"libsystemd-shared-(\d+)[^/]*\.so")
+
+
+def _names_in_root(root: str, directory: str) -> list[str]:
+    """The entries of the tree's `directory`, opened inside the tree (its links end at the
+    tree's root); none when it cannot be opened, which for a guess is as good as empty."""
+    try:
+        fd = open_in_root(root, directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return []
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def _directories_in_root(root: str, pattern: str) -> list[str]:
+    """The tree's directories matching `pattern`, whose one '*' component is an fnmatch."""
+    head, star, tail = pattern.partition("*")
+    if not star:
+        return [pattern] if exists_in_root(root, pattern) else []
+    parent, prefix = head.rsplit("/", 1)
+    middle, _, rest = tail.partition("/")
+    return [f"{parent}/{name}/{rest}" for name in sorted(_names_in_root(root, parent))
+            if fnmatch.fnmatchcase(name, f"{prefix}*{middle}")
+            and exists_in_root(root, f"{parent}/{name}/{rest}")]
+
+
+def systemd_version_at_least(root: str, minimum: int) -> bool:
+    """Whether the tree's systemd is `minimum` or newer, guessed as nspawn 252 guesses it
+    (from the version in its libsystemd-shared library's name): what decides whether a
+    container gets the cgroup2 hierarchy, which an older systemd would not understand."""
+    for pattern in _SYSTEMD_LIBRARY_DIRS:
+        for directory in _directories_in_root(root, pattern):
+            if any((m := _SHARED_LIBRARY.fullmatch(name)) and int(m.group(1)) >= minimum
+                   for name in _names_in_root(root, directory)):
+                return True
+    return False
 
 
 def read_os_release(root_dir: str) -> dict[str, str]:
@@ -306,6 +381,12 @@ def _check_overlay_path(path: str, what: str) -> None:
                           "cannot name; use a path without them.")
 
 
+EPHEMERAL_LOWER_REFUSAL = (
+    "an ephemeral container writes to an overlay and its tree is never chowned. Put the "
+    "tree on a file system that supports idmapped mounts (ext4, xfs, btrfs, tmpfs), or run "
+    "it without --ephemeral (the tree is then chowned into the range once).")
+
+
 class EphemeralRoot:
     """A throw-away view of a tree: writes go elsewhere and vanish on exit.
 
@@ -313,20 +394,33 @@ class EphemeralRoot:
     removed by remove(). Elsewhere, an overlay with a tmpfs upper layer that
     the plan mounts inside the container's mount namespace, so it dies with
     the container; the host only sees an empty staging directory under
-    `runtime_dir`. The plan must already have made / private (or slave)."""
+    `runtime_dir`. The plan must already have made / private (or slave).
 
-    def __init__(self, tree: str, runtime_dir: str) -> None:
+    With `users` (--private-users) root inside must own the root without the
+    tree on disk ever changing: the overlay's lower layer is a detached mount of
+    the tree (`ownership`, idmapped through the container's namespace before the
+    child attaches it), and the upper layer is made by the child, so what it
+    writes is owned by its own uids. A snapshot is a copy: it is handed over
+    the same way, and may be chowned where it cannot be idmapped."""
+
+    def __init__(self, tree: str, runtime_dir: str, users: PrivateUsers | None = None) -> None:
         self.tree = os.path.abspath(tree)
         if not os.path.isdir(self.tree):
             raise InvalidArgs(f"Directory {tree} does not exist or is not a directory.")
+        self.users = users
         self.snapshot_path: str | None = None
         self.staging: str | None = None
+        self.ownership: userns.Ownership | None = None
         self.root = ""   # the container's root directory, once the plan's steps have run
         container_dir = self.tree if is_mount_point(self.tree) else os.path.dirname(self.tree)
         if can_snapshot(self.tree, container_dir):
             name = _random_child(self.tree) if container_dir == self.tree else _random_sibling(self.tree)
             snapshot(self.tree, name)
             self.snapshot_path = self.root = name
+            if users is not None:  # reached through a descriptor (see tree._root_through_descriptor)
+                self.root = os.path.join(runtime_dir, "root")
+                os.makedirs(self.root, exist_ok=True)
+                self._own(name, f"the snapshot {name} of {self.tree}", name)
         else:
             _check_overlay_path(self.tree, "Directory")
             staging = os.path.join(runtime_dir, "ephemeral")
@@ -335,24 +429,55 @@ class EphemeralRoot:
             os.makedirs(staging, mode=0o700, exist_ok=True)
             self.staging = staging
             self.root = os.path.join(staging, "root")
+            if users is not None:
+                self._own(self.tree, f"the tree {self.tree} (the lower layer of an ephemeral "
+                          "overlay)", None)
+
+    def _own(self, path: str, what: str, chown_root: str | None) -> None:
+        fd = native.open_tree(path)
+        self.ownership = userns.Ownership([userns.OwnedMount(fd, what, chown_root,
+                                                             EPHEMERAL_LOWER_REFUSAL)])
+
+    def _mount_fd(self) -> int | None:
+        return self.ownership.mounts[0].fd if self.ownership is not None else None
 
     def add_to_plan(self, plan: Plan) -> str:
-        """Mount the overlay in the child (nothing to do for a snapshot); returns root."""
-        if self.staging is not None:
-            st = os.stat(self.tree)
-            upper, work = (os.path.join(self.staging, d) for d in ("upper", "work"))
-            plan.mount("tmpfs", self.staging, "tmpfs", native.MS_NODEV | native.MS_NOSUID,
-                       "mode=0700")
-            plan.mkdir(upper, stat.S_IMODE(st.st_mode))
-            plan.chown(upper, st.st_uid, st.st_gid)
-            plan.mkdir(work, 0o700)
-            plan.mkdir(self.root, 0o755)
-            plan.mount("overlay", self.root, "overlay", 0,
-                       f"lowerdir={self.tree},upperdir={upper},workdir={work}")
+        """Mount the overlay (or attach the snapshot) in the child; returns root."""
+        fd = self._mount_fd()
+        if self.staging is None:
+            if fd is not None:
+                plan.attach_mount(fd, self.root, f"the snapshot {self.snapshot_path}")
+            return self.root
+        st = os.stat(self.tree)
+        upper, work, lower = (os.path.join(self.staging, d) for d in ("upper", "work", "lower"))
+        plan.mount("tmpfs", self.staging, "tmpfs", native.MS_NODEV | native.MS_NOSUID,
+                   "mode=0700")
+        plan.mkdir(upper, stat.S_IMODE(st.st_mode))
+        plan.chown(upper, *self._owner_inside(st))
+        plan.mkdir(work, 0o700)
+        if fd is not None:
+            plan.mkdir(lower, 0o700)
+            plan.attach_mount(fd, lower, f"the tree {self.tree}")
+        plan.mkdir(self.root, 0o755)
+        plan.mount("overlay", self.root, "overlay", 0,
+                   f"lowerdir={lower if fd is not None else self.tree},upperdir={upper},"
+                   f"workdir={work}")
         return self.root
+
+    def _owner_inside(self, st: os.stat_result) -> tuple[int, int]:
+        """Who owns the upper layer's root (the container's "/"), in the child's ids: the
+        tree root's owner, as the idmapped lower layer shows it; a root shifted into the
+        range on disk (a recorded chown) shows as root."""
+        if self.users is None:
+            return st.st_uid, st.st_gid
+        size = self.users.range
+        return (st.st_uid if st.st_uid < size else 0, st.st_gid if st.st_gid < size else 0)
 
     def remove(self) -> None:
         """Remove the snapshot or the staging directory; safe to call twice."""
+        if self.ownership is not None:
+            os.close(self.ownership.mounts[0].fd)  # unmounts it, if it was never attached
+            self.ownership = None
         if self.snapshot_path is not None:
             remove_tree(self.snapshot_path)
             self.snapshot_path = None

@@ -14,70 +14,32 @@ import logging
 import os
 import signal
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostel import native
 from hostel.bus import HostelError
-from hostel.machine import capabilities, cgroups, devices, hostfiles, journal, mounts
+from hostel.machine import adoption, capabilities, cgroups, hostfiles, limits, tree, treelock
+from hostel.machine import bind_user, mounts, users, userns
 from hostel.machine import network as machine_network
-from hostel.machine import tree, users, userns
+from hostel.machine import overlays
 from hostel.machine import seccomp as machine_seccomp
-from hostel.machine.console import Console, open_console
+from hostel.machine.console import open_console
+from hostel.machine.plan import Prepared, build_plan, clone_flags
 from hostel.machine.registry import Event, Machine, Registry, State
+from hostel.machine.runtime import Runtime
 from hostel.machine.settings import MachineSettings
-from hostel.machine.statefile import (SavedMachine, StateStore, process_start_time,
-                                      settings_from_json, settings_to_json)
-from hostel.spawn import Child, Plan, StepFailed, spawn, wait_exit, wait_readable
+from hostel.machine.statefile import (SavedMachine, SavedState, StateStore,
+                                      process_start_time, settings_to_json)
+from hostel.spawn import Child, Plan, StepFailed, spawn, wait_exit
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-INIT_PATHS = ("/usr/lib/systemd/systemd", "/lib/systemd/systemd", "/sbin/init")
 EXIT_REBOOT = 133
 TERMINATE_TIMEOUT = 10.0
-EXITED_GRACE = 300.0   # how long a machine found dead at adoption stays listed as "exited"
-STATUS_UNKNOWN = -1    # the exit status of a process that was not our child
 
 
 class MachineStartFailed(HostelError):
     dbus_name = "org.hostel1.Error.StartFailed"
-
-
-@dataclass
-class Runtime:
-    """What a running machine holds on the host, released when it is gone."""
-
-    settings: MachineSettings
-    child: Child | None = None
-    console: Console | None = None
-    cgroup: cgroups.CgroupSet | None = None
-    network_settings: machine_network.NetworkSettings | None = None
-    network_setup: machine_network.NetworkSetup | None = None
-    cleanup: ExitStack = field(default_factory=ExitStack)
-    runtime_dir: Path | None = None
-    watcher: asyncio.Task | None = None
-    terminating: bool = False
-    adopted: bool = False  # started by an earlier hosteld: not our child, status unknowable
-
-
-@dataclass
-class Prepared:
-    """Everything the plan needs that had to be looked up or set up first."""
-
-    prepared_root: tree.PreparedRoot
-    machine_id: bytes
-    user: users.UserIds
-    retain: int
-    seccomp_bpf: bytes
-
-    @property
-    def root(self) -> str:
-        return self.prepared_root.root
-
-    @property
-    def view(self) -> str | None:
-        return self.prepared_root.view
 
 
 class MachineRunner:
@@ -98,20 +60,28 @@ class MachineRunner:
     # State on disk -------------------------------------------------------------------
 
     def _persist(self, event: Event, machine: Machine, changed: dict) -> None:
-        """Keep /run/hostel/machines/NAME.json in step with every running machine."""
+        """Keep /run/hostel/machines/NAME.json in step with every running machine.
+
+        A start records the machine itself (see _record) and fails if it
+        cannot; later changes (e.g. its network interfaces) that fail to
+        save are logged: the file on disk still finds the machine."""
         if event is Event.REMOVED:
             self.store.delete(machine.name)
-        elif machine.state is State.RUNNING and machine.leader:
-            self.store.save(self._snapshot(machine))
+        elif machine.state is State.RUNNING and machine.leader and "state" not in changed:
+            try:
+                self.store.save(self._snapshot(machine, SavedState.RUNNING))
+            except OSError as e:
+                log.error("saving the state of machine %s: %s", machine.name, e)
 
     @staticmethod
-    def _snapshot(machine: Machine) -> SavedMachine:
+    def _snapshot(machine: Machine, state: SavedState) -> SavedMachine:
         runtime: Runtime | None = machine.runtime
         cgroup = runtime.cgroup if runtime else None
         setup = runtime.network_setup if runtime else None
         return SavedMachine(
             name=machine.name, id=machine.id.hex(), klass=machine.klass, service=machine.service,
-            unit=machine.unit, leader=machine.leader, leader_start=process_start_time(machine.leader),
+            unit=machine.unit, leader=machine.leader, leader_start=process_start_time(machine.leader) if machine.leader else None,
+           
             root_directory=machine.root_directory, timestamp_us=machine.timestamp_us,
             timestamp_monotonic_us=machine.timestamp_monotonic_us,
             network_interfaces=list(machine.network_interfaces),
@@ -119,76 +89,18 @@ class MachineRunner:
             cgroup=dataclasses.asdict(cgroup) if cgroup else None,
             network=dataclasses.asdict(setup) if setup else None,
             runtime_dir=str(runtime.runtime_dir) if runtime and runtime.runtime_dir else "",
-            registered_only=machine.registered_only)
+            registered_only=machine.registered_only, state=state.value)
 
     async def adopt(self) -> None:
-        """Take back the machines an earlier hosteld left running (or note that they ended)."""
-        for saved in self.store.load():
-            machine = Machine(saved.name, id=bytes.fromhex(saved.id), klass=saved.klass,
-                              service=saved.service, unit=saved.unit, leader=saved.leader,
-                              root_directory=saved.root_directory, state=State.RUNNING,
-                              timestamp_us=saved.timestamp_us,
-                              timestamp_monotonic_us=saved.timestamp_monotonic_us,
-                              network_interfaces=saved.network_interfaces,
-                              settings=settings_from_json(saved.settings),
-                              registered_only=saved.registered_only)
-            runtime = self._adopted_runtime(saved, machine)
-            machine.runtime = runtime
-            self.registry.reserve(machine)
-            if runtime.child is not None:
-                log.info("adopted machine %s (leader %d)", machine.name, machine.leader)
-                runtime.watcher = asyncio.get_running_loop().create_task(
-                    self._watch_adopted(machine, runtime))
-            else:
-                log.info("machine %s exited while hosteld was down", machine.name)
-                await self._cleanup(machine, runtime)
-                self.registry.update(machine, state=State.EXITED, exit_status=STATUS_UNKNOWN)
-                asyncio.get_running_loop().call_later(EXITED_GRACE, self.registry.remove, machine)
-
-    def _adopted_runtime(self, saved: SavedMachine, machine: Machine) -> Runtime:
-        runtime = Runtime(self._saved_settings(saved), adopted=True,
-                          runtime_dir=Path(saved.runtime_dir) if saved.runtime_dir else None)
-        if saved.cgroup:
-            runtime.cgroup = cgroups.CgroupSet(**{**saved.cgroup,
-                                                  "paths": tuple(saved.cgroup["paths"])})
-            runtime.cleanup.callback(runtime.cgroup.remove)
-        if saved.network:
-            runtime.network_setup = machine_network.NetworkSetup(**saved.network)
-            runtime.cleanup.callback(machine_network.teardown_network, runtime.network_setup)
-        if runtime.runtime_dir is not None:
-            runtime.cleanup.callback(_remove_tree, runtime.runtime_dir)
-        if saved.leader_start is not None and process_start_time(saved.leader) == saved.leader_start:
-            try:
-                runtime.child = Child(saved.leader, native.pidfd_open(saved.leader), Plan(), -1)
-            except ProcessLookupError:
-                pass  # it ended just now
-        return runtime
-
-    def _saved_settings(self, saved: SavedMachine) -> MachineSettings:
-        from hostel.bus import InvalidArgs
-        from hostel.machine.settings import from_dbus
-
-        try:
-            return from_dbus(saved.name, settings_from_json(saved.settings), self.machines_dir)
-        except InvalidArgs as e:
-            log.warning("machine %s: saved settings no longer valid (%s); keeping defaults",
-                        saved.name, e)
-            return MachineSettings(saved.name)
-
-    async def _watch_adopted(self, machine: Machine, runtime: Runtime) -> None:
-        """Not our child: the pidfd tells us when it ends, but not how."""
-        await wait_readable(runtime.child.pidfd)
-        runtime.child.close()
-        await self._finish(machine, runtime, STATUS_UNKNOWN,
-                           "exited (status unknown: it was started by an earlier hosteld)")
+        """Take back the machines an earlier hosteld left running (see adoption)."""
+        await adoption.adopt(self)
 
     def track_registered(self, machine: Machine) -> None:
         """RegisterMachine's processes are not ours either: notice when they end."""
         runtime = Runtime(MachineSettings(machine.name), adopted=True)
         runtime.child = Child(machine.leader, native.pidfd_open(machine.leader), Plan(), -1)
         machine.runtime = runtime
-        runtime.watcher = asyncio.get_running_loop().create_task(
-            self._watch_adopted(machine, runtime))
+        adoption.watch_foreign(self, machine, runtime)
 
     # Start ---------------------------------------------------------------------------
 
@@ -226,26 +138,56 @@ class MachineRunner:
 
     async def _launch(self, machine: Machine, runtime: Runtime) -> None:
         settings = runtime.settings
-        runtime.runtime_dir.mkdir(parents=True, exist_ok=True)
-        runtime.cleanup.callback(_remove_tree, runtime.runtime_dir)
-        prepared = await asyncio.to_thread(self._prepare, settings, runtime)
+        runtime_dir = runtime.runtime_dir
+        assert runtime_dir is not None  # set by start() for every machine it launches
+        runtime.cleanup.callback(adoption.remove_tree, runtime_dir)
+        prepared = await asyncio.to_thread(self._prepare, settings, runtime, runtime_dir)
+        # On record before the child exists: the scope it will be born in is in the file,
+        # so a restarted hosteld finds (and kills) whatever a start cut short left in it.
+        await self._record(machine, runtime, SavedState.OPENING)
         if runtime.console is None:
-            runtime.console = open_console(settings.console, settings.stdio)
+            runtime.console = open_console(settings.console, settings.stdio, boot=settings.boot)
         else:  # a reboot: same console, fresh descriptors for the new payload
             runtime.console.reopen_payload()
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         join = runtime.cgroup.open_join() if runtime.cgroup else cgroups.CgroupJoin()
         try:
-            plan = build_plan(settings, prepared, runtime.console, str(runtime.runtime_dir),
-                              go_r, join)
+            plan = build_plan(settings, prepared, runtime.console, str(runtime_dir),
+                              go_r, join, wait_for_record=runtime.cgroup is None)
             # In a thread: a plan that shares our memory returns only after its exec.
             child = await asyncio.to_thread(spawn, plan, clone_flags(settings), join.born_in)
+        except BaseException:
+            os.close(go_w)
+            raise
         finally:
             os.close(go_r)
             join.close()
+            mounts.close_detached(prepared.detached)  # the child has its copies
         runtime.child = child
         try:
-            await self._parent_side(machine, runtime, child, prepared, go_w)
+            await self._start_child(machine, runtime, child, prepared, go_w)
+        except BaseException:
+            runtime.child = None
+            child.close()
+            raise
+        runtime.console.close_payload_side()
+        runtime.console.start_relay(machine.name)
+        self.registry.update(machine, state=State.RUNNING)
+        if not settings.quiet:
+            log.info("machine %s started, leader %d, root %s", settings.name, child.pid,
+                     prepared.view or settings.image)
+
+    async def _start_child(self, machine: Machine, runtime: Runtime, child: Child,
+                           prepared: Prepared, go_fd: int) -> None:
+        """From clone to a recorded, running payload; on any failure the child is killed
+        and reaped (the caller closes its descriptors)."""
+        settings = runtime.settings
+        try:
+            await self._parent_side(machine, runtime, child, prepared, go_fd)
+            if runtime.cgroup is None:  # nothing to find it by but its pid: record that first
+                self._set_identity(machine, runtime, child, prepared)
+                await self._record(machine, runtime, SavedState.OPENING)
+                _release(go_fd)
         except (HostelError, OSError):
             # The child runs its first steps meanwhile: if one failed, that is the cause.
             native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
@@ -256,35 +198,87 @@ class MachineRunner:
             native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
             raise
         finally:
-            os.close(go_w)
+            os.close(go_fd)
         await _child_started(child, settings.name)
-        runtime.console.close_payload_side()
-        runtime.console.start_relay()
+        self._set_identity(machine, runtime, child, prepared)
+        try:
+            await self._record(machine, runtime, SavedState.RUNNING)
+        except BaseException:
+            self._kill_now(runtime, child)
+            await wait_exit(child.pidfd)
+            raise
+
+    def _set_identity(self, machine: Machine, runtime: Runtime, child: Child,
+                      prepared: Prepared) -> None:
+        settings = runtime.settings
         self.registry.update(machine, id=prepared.machine_id, leader=child.pid,
                              unit=runtime.cgroup.unit if runtime.cgroup else "",
-                             state=State.RUNNING, root_directory=prepared.view or settings.image or "")
-        if not settings.quiet:
-            log.info("machine %s started, leader %d, root %s", settings.name, child.pid,
-                     prepared.view or settings.image)
+                             root_directory=prepared.view or settings.image or "")
 
-    def _prepare(self, settings: MachineSettings, runtime: Runtime) -> Prepared:
+    @staticmethod
+    def _kill_now(runtime: Runtime, child: Child) -> None:
+        """SIGKILL the leader and everything in its scope (a payload that already forked)."""
+        native.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+        if runtime.cgroup is not None:
+            try:
+                runtime.cgroup.kill(signal.SIGKILL)
+            except OSError as e:  # the leader's death ends its pid namespace anyway
+                log.error("killing the scope of machine %s: %s", runtime.settings.name, e)
+
+    async def _record(self, machine: Machine, runtime: Runtime, state: SavedState) -> None:
+        """Write the state file (fsync'd, in a thread); a failure fails the start."""
+        saved = self._snapshot(machine, state)
+        try:
+            await asyncio.to_thread(self.store.save, saved)
+        except OSError as e:
+            raise MachineStartFailed(
+                f"starting machine {machine.name} failed: cannot record its state in "
+                f"{self.store.path(machine.name)}: {e.strerror or e}; free space there "
+                "(or fix its permissions) and start it again") from None
+
+    def _prepare(self, settings: MachineSettings, runtime: Runtime, runtime_dir: Path) -> Prepared:
         """The blocking part of start-up: runs in a thread."""
-        prepared_tree = tree.prepare_root(settings, runtime.runtime_dir, runtime.cleanup)
+        runtime_dir.mkdir(parents=True, exist_ok=True)
+        treelock.lock_root(settings, runtime.cleanup)
+        prepared_tree = tree.prepare_root(settings, runtime_dir, runtime.cleanup)
+        settings.resolved_overlays = overlays.prepare(settings.overlays, prepared_tree.view,
+                                                      runtime.cleanup)
         machine_id = hostfiles.container_machine_id(prepared_tree.view, settings.uuid)
-        ids = users.resolve_user(settings.user, prepared_tree.read_file("/etc/passwd"),
-                                 prepared_tree.read_file("/etc/group"))
+        # A tree without the files has no users but root (which is never looked up).
+        passwd = prepared_tree.read_file("/etc/passwd") or b""
+        group = prepared_tree.read_file("/etc/group") or b""
+        if settings.bind_user and settings.private_users is not None:
+            settings.bound_users = bind_user.resolve(settings.bind_user, passwd, group,
+                                                     settings.private_users.range)
+            runtime.cleanup.callback(bind_user.close_homes, settings.bound_users)
+            bind_user.open_homes(settings.bound_users)
+        ids = users.resolve_user(settings.user, passwd, group,
+                                 tuple(bound.ids for bound in settings.bound_users))
         plus = capabilities.parse_capabilities(settings.capability)
         minus = capabilities.parse_capabilities(settings.drop_capability)
-        retain = capabilities.compute_retain(plus, minus, settings.private_network)
+        retain = capabilities.compute_retain(plus, minus, settings.private_network,
+                                             settings.private_users is not None)
         if not settings.keep_unit:
             runtime.cgroup = cgroups.create(settings.name, settings.slice, self.cgroup_layout())
             runtime.cleanup.callback(runtime.cgroup.remove)
             runtime.cgroup.allow_devices(prepared_tree.devices)
-        runtime.network_settings = machine_network.NetworkSettings(
+            runtime.cgroup.apply_properties(settings.properties)
+        network_settings = machine_network.NetworkSettings(
             settings.private_network, settings.network_veth, settings.network_bridge,
-            settings.network_interfaces, settings.network_macvlan)
-        runtime.network_settings.validate()
-        return Prepared(prepared_tree, machine_id, ids, retain, machine_seccomp.container_filter())
+            settings.network_interfaces, settings.network_macvlan,
+            zone=settings.network_zone, ports=settings.ports)
+        network_settings.validate()
+        runtime.network_settings = network_settings
+        prepared = Prepared(prepared_tree, machine_id, ids, retain,
+                            machine_seccomp.container_filter(retain, settings.syscall_allow,
+                                                             settings.syscall_deny))
+        if settings.private_users is not None:  # last: nothing fails after the mounts
+            prepared.uid_base = userns.uid_base(
+                settings.private_users, settings.name,
+                userns.owner_root(prepared_tree.view, prepared_tree.ownership))
+            prepared.detached = mounts.detached_api_mounts(settings, prepared.uid_base)
+            runtime.cleanup.callback(mounts.close_detached, prepared.detached)
+        return prepared
 
     async def _parent_side(self, machine: Machine, runtime: Runtime, child: Child,
                            prepared: Prepared, go_fd: int) -> None:
@@ -296,12 +290,23 @@ class MachineRunner:
         see cgroups.CgroupJoin.)"""
         settings = runtime.settings
         if settings.private_users is not None:
-            userns.write_id_maps(child.pid, settings.private_users, settings.name, prepared.view)
+            base = prepared.uid_base
+            assert base is not None  # chosen by _prepare for every --private-users start
+            await asyncio.to_thread(userns.write_id_maps, child.pid, settings.private_users,
+                                    base, prepared.view, prepared.prepared_root.ownership,
+                                    settings.private_users_ownership, settings.bound_users)
+            if runtime.cgroup is not None:  # its init may manage its own cgroups, as in nspawn
+                await asyncio.to_thread(runtime.cgroup.delegate, base, base)
             _release(go_fd)
-        if settings.private_network:
+        if settings.wants_process_limits():  # the child waits for them (plan.build_plan)
+            await asyncio.to_thread(limits.apply, child.pid, settings.rlimits,
+                                    settings.cpu_affinity, settings.oom_score_adjust)
+            _release(go_fd)
+        if settings.private_network and runtime.network_settings is not None:
             setup = await asyncio.to_thread(machine_network.setup_network, runtime.network_settings,
                                             settings.name, child.pid)
-            runtime.cleanup.callback(machine_network.teardown_network, setup)
+            # deferred: the exit is reported without waiting for the veth's deletion
+            runtime.cleanup.callback(machine_network.teardown_network, setup, defer=True)
             runtime.network_setup = setup
             self.registry.update(machine, network_interfaces=list(setup.interfaces))
             _release(go_fd)
@@ -310,42 +315,43 @@ class MachineRunner:
 
     async def _watch(self, machine: Machine, runtime: Runtime) -> None:
         while True:
-            info = await wait_exit(runtime.child.pidfd)
-            runtime.child.close()
-            reboot = runtime.settings.boot and not runtime.terminating and (
-                (info.exited and info.status == EXIT_REBOOT)
-                or (not info.exited and info.status == signal.SIGHUP))
-            if not reboot:
+            child = runtime.child
+            assert child is not None  # _launch set it, or raised
+            info = await wait_exit(child.pidfd)
+            child.close()
+            if runtime.terminating or not _reboots(info, runtime.settings):
                 break
             log.info("machine %s is rebooting", machine.name)
             self.registry.update(machine, state=State.OPENING)
-            await self._cleanup(machine, runtime)
+            if runtime.terminating:  # a listener stopped it (a start limit): not again
+                break
+            await self.cleanup(machine, runtime)
             runtime.cleanup = ExitStack()
             try:
                 await self._launch(machine, runtime)
-            except HostelError as e:
+            except (HostelError, OSError) as e:
                 log.error("rebooting machine %s failed: %s", machine.name, e)
-                await self._finish(machine, runtime, 1, f"failed to reboot: {e}")
+                await self.finish(machine, runtime, 1, f"failed to reboot: {e}")
                 return
-        # A shutdown (SIGINT from reboot(2) in the container) is a clean exit.
-        clean_shutdown = not info.exited and info.status == signal.SIGINT and runtime.settings.boot
-        await self._finish(machine, runtime, 0 if clean_shutdown else info.returncode,
-                           info.describe())
+        await self.finish(machine, runtime, nspawn_exit_status(info), info.describe(),
+                          exit_signal=0 if info.exited else info.status)
 
-    async def _finish(self, machine: Machine, runtime: Runtime, status: int, how: str) -> None:
+    async def finish(self, machine: Machine, runtime: Runtime, status: int, how: str,
+                     exit_signal: int = 0) -> None:
         self.registry.update(machine, state=State.CLOSING)
-        await self._cleanup(machine, runtime)
+        await self.cleanup(machine, runtime)
         if runtime.console is not None:
             try:
                 runtime.console.close()
             except OSError as e:  # never keep "exited" from reaching the clients waiting for it
                 log.error("closing the console of machine %s: %s", machine.name, e)
-        self.registry.update(machine, state=State.EXITED, exit_status=status)
+        self.registry.update(machine, state=State.EXITED, exit_status=status,
+                             exit_signal=exit_signal)
         log.info("machine %s %s", machine.name, how)
         self.registry.remove(machine)
 
     @staticmethod
-    async def _cleanup(machine: Machine, runtime: Runtime) -> None:
+    async def cleanup(machine: Machine, runtime: Runtime) -> None:
         """Release what the machine held (in a thread: cgroup removal waits for stragglers).
 
         A failure here must not keep the machine registered forever: it is
@@ -357,8 +363,8 @@ class MachineRunner:
 
     async def terminate(self, machine: Machine, timeout: float = TERMINATE_TIMEOUT) -> None:
         """Orderly: SIGRTMIN+3 to a booted init, SIGTERM otherwise, SIGKILL after `timeout`."""
-        runtime: Runtime = machine.runtime
-        if runtime is None or runtime.child is None:
+        runtime = machine.runtime
+        if runtime is None or runtime.child is None or runtime.watcher is None:
             return
         runtime.terminating = True
         self.registry.update(machine, state=State.CLOSING)
@@ -373,7 +379,9 @@ class MachineRunner:
             await runtime.watcher
 
     def kill(self, machine: Machine, who: str, sig: int) -> None:
-        runtime: Runtime = machine.runtime
+        runtime = machine.runtime
+        if runtime is None:
+            return  # nothing of it runs (found dead at adoption)
         if who == "leader":
             self._signal_leader(runtime, sig)
         elif runtime.cgroup is not None:
@@ -383,11 +391,36 @@ class MachineRunner:
 
     @staticmethod
     def _signal_leader(runtime: Runtime, sig: int) -> None:
+        child = runtime.child
+        if child is None or child.pidfd < 0:
+            return  # it ended, and the watcher closed its pidfd
         try:
-            native.pidfd_send_signal(runtime.child.pidfd, sig)
+            native.pidfd_send_signal(child.pidfd, sig)
         except ProcessLookupError:
             pass  # already gone: the watcher will see it
 
+
+def _reboots(info: native.ExitInfo, settings: MachineSettings) -> bool:
+    """Whether PID 1's end asks for the container to start again.
+
+    A reboot(2) in a pid namespace kills its PID 1 with SIGHUP; systemd-nspawn
+    252 then starts the container again, unless it runs as a service
+    (--keep-unit), where it exits 133 for the unit's RestartForceExitStatus=133
+    to restart it. A booted init's exit status 133 asks for the same."""
+    if not info.exited:
+        return info.status == signal.SIGHUP and not settings.keep_unit
+    return settings.boot and info.status == EXIT_REBOOT
+
+
+def nspawn_exit_status(info: native.ExitInfo) -> int:
+    """The container's exit status as systemd-nspawn 252 reports it for PID 1's end:
+    its exit code; 0 for a poweroff or halt (SIGINT from reboot(2)); 133 for a reboot
+    it does not carry out itself (SIGHUP, see _reboots); 1 for any other signal."""
+    if info.exited:
+        return info.status
+    if info.status == signal.SIGINT:
+        return 0
+    return EXIT_REBOOT if info.status == signal.SIGHUP else 1
 
 
 async def _child_started(child: Child, name: str) -> None:
@@ -396,7 +429,7 @@ async def _child_started(child: Child, name: str) -> None:
         await child.started()
     except StepFailed as e:
         await wait_exit(child.pidfd)
-        raise MachineStartFailed(f"starting machine {name} failed at {e}") from None
+        raise MachineStartFailed(f"starting machine {name} failed at {e}") from e
 
 
 def _release(go_fd: int) -> None:
@@ -406,130 +439,3 @@ def _release(go_fd: int) -> None:
         os.write(go_fd, b"x")
     except BrokenPipeError:
         pass
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def clone_flags(settings: MachineSettings) -> int:
-    flags = native.CLONE_NEWNS
-    if not settings.share_system:
-        flags |= native.CLONE_NEWIPC | native.CLONE_NEWPID | native.CLONE_NEWUTS
-    if settings.private_network:
-        flags |= native.CLONE_NEWNET
-    if settings.private_users is not None:
-        flags |= native.CLONE_NEWUSER
-    return flags
-
-
-# The plan ------------------------------------------------------------------------
-
-def build_plan(settings: MachineSettings, prepared: Prepared, console: Console,
-               runtime_dir: str, go_fd: int, join: cgroups.CgroupJoin) -> Plan:
-    """The child's whole life before exec, in the seed's order."""
-    plan = Plan()
-    root = prepared.root
-    in_userns = settings.private_users is not None
-    join.plan_steps(plan)  # first: nothing may fork before the child is in its scope
-    if in_userns:  # become the namespace's root (host uid BASE) once it is mapped
-        plan.wait_for_parent(go_fd, "the uid/gid map")
-        plan.setgroups([])
-        plan.setresgid(0)
-        plan.setresuid(0)
-    _plan_stdio(plan, console)
-    if not settings.share_system:
-        plan.write_file("/proc/self/loginuid", b"4294967295", create=False, truncate=False,
-                        best_effort=True)
-    plan.mount(None, "/", None, native.MS_SLAVE | native.MS_REC)
-    prepared.prepared_root.mount_steps(plan)
-    mounts.plan_root(plan, root, settings, runtime_dir)
-    mounts.plan_api_filesystems(plan, root, settings)
-    devices.plan_devnodes(plan, root, in_userns)
-    plan.seccomp(prepared.seccomp_bpf)
-    devices.plan_console(plan, root, console.tty_path, in_userns)
-    devices.plan_kmsg(plan, root)
-    if not settings.share_system:
-        mounts.plan_boot_id(plan, root)
-    # With --volatile=yes the root is a fresh tmpfs: the tree's files are not in it.
-    view = None if settings.volatile == "yes" else prepared.view
-    hostfiles.plan_timezone(plan, root, view, settings.name)
-    hostfiles.plan_resolv_conf(plan, root, settings.private_network)
-    hostfiles.plan_machine_id(plan, root, view, prepared.machine_id)
-    journal.plan_journal(plan, root, view, settings)
-    mounts.plan_binds(plan, root, settings.binds)
-    mounts.plan_tmpfs(plan, root, settings.tmpfs)
-    if not settings.share_system:
-        plan.sethostname(settings.name)
-    mounts.plan_enter_root(plan, root)
-    plan.drop_bounding_caps(capabilities.bounding_drop_mask(prepared.retain))
-    user_env = users.plan_change_user(plan, prepared.user)
-    if settings.working_directory:
-        plan.chdir(settings.working_directory)
-    if settings.personality is not None:  # set by --personality, or by an x86 image root
-        plan.personality(settings.personality)
-    if settings.selinux_context:
-        plan.write_file("/proc/self/attr/exec", settings.selinux_context.encode(), create=False)
-    env = payload_environment(settings, prepared, user_env)
-    if settings.private_network:
-        plan.wait_for_parent(go_fd, "the network interfaces")
-    if settings.as_pid2:
-        plan.stub_init()
-    _plan_exec(plan, settings, prepared, env)
-    return plan
-
-
-def _plan_stdio(plan: Plan, console: Console) -> None:
-    for target, fd in enumerate((console.stdin, console.stdout, console.stderr)):
-        plan.dup2(fd, target)
-    plan.setsid()
-    if console.tty_path is not None:
-        plan.set_controlling_tty(0)
-
-
-def payload_environment(settings: MachineSettings, prepared: Prepared,
-                        user_env: list[str]) -> list[str]:
-    env = {"PATH": f"PATH={DEFAULT_PATH}", "container": "container=hostel"}
-    if settings.terminal:
-        env["TERM"] = f"TERM={settings.terminal}"
-    for item in user_env:
-        env[item.split("=", 1)[0]] = item
-    env["container_uuid"] = "container_uuid=" + _uuid_text(prepared.machine_id)
-    for item in settings.environment:
-        env[item.split("=", 1)[0]] = item
-    return list(env.values())
-
-
-def _uuid_text(raw: bytes) -> str:
-    import uuid
-
-    return str(uuid.UUID(bytes=raw))
-
-
-def _plan_exec(plan: Plan, settings: MachineSettings, prepared: Prepared, env: list[str]) -> None:
-    if settings.boot:
-        for init in INIT_PATHS:
-            plan.execve(init, [init, *settings.command], env, try_next=True)
-        plan.fail(2, f"find an init system in the container ({', '.join(INIT_PATHS)})")
-        return
-    if settings.command:
-        _plan_exec_search(plan, settings.command, env)
-        return
-    home = prepared.user.home or "/root"
-    plan.chdir(home, best_effort=True)
-    plan.execve("/bin/bash", ["-bash"], env, try_next=True)
-    plan.execve("/bin/sh", ["-sh"], env)
-
-
-def _plan_exec_search(plan: Plan, command: list[str], env: list[str]) -> None:
-    """execvpe() with the container's PATH, as steps: each candidate tried in turn."""
-    name = command[0]
-    if "/" in name:
-        plan.execve(name, command, env)
-        return
-    path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
-    for directory in [d for d in path.split(":") if d]:
-        plan.execve(f"{directory}/{name}", command, env, try_next=True)
-    plan.fail(2, f"find {name!r} in the container's PATH ({path})")

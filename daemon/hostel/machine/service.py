@@ -5,17 +5,19 @@ the registry (exported when a machine appears, PropertiesChanged when it
 changes, removed with it)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal as signals
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dbus_fast import Variant
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property, dbus_signal
 
-from hostel.bus import Dispatcher, InvalidArgs, NoSuchObject, escape_path_label, mutating
-from hostel.machine import enter, rootfs, settings as machine_settings
+from hostel.bus import (AlreadyExists, Dispatcher, InvalidArgs, NoSuchObject, escape_path_label, mutating,
+                        secrets_visible)
+from hostel.machine import enter, pool, rootfs, settings as machine_settings
 from hostel.machine.machine_properties import MachineProperties
 from hostel.machine.registry import Event, Machine, Registry, State
 from hostel.machine.runner import MachineRunner, MachineStartFailed
@@ -25,9 +27,11 @@ log = logging.getLogger(__name__)
 
 MANAGER_PATH = "/org/hostel1/machine"
 KILL_WHO = ("leader", "all")
+SECRET_SETTINGS = frozenset({"Environment"})
 # registry field -> (property, signature)
 PROPERTY_OF_FIELD = {
     "state": ("State", "s"), "leader": ("Leader", "u"), "exit_status": ("ExitStatus", "i"),
+    "exit_signal": ("ExitSignal", "i"),
     "network_interfaces": ("NetworkInterfaces", "ai"), "id": ("Id", "ay"), "unit": ("Unit", "s"),
     "root_directory": ("RootDirectory", "s"),
 }
@@ -60,10 +64,12 @@ def parse_signal(number: int) -> int:
     return number
 
 
-def os_release(machine: Machine) -> dict[str, str]:
+async def os_release(machine: Machine) -> dict[str, str]:
+    """The running container's os-release, read in a thread: the file is the guest's,
+    and whatever it is (a FIFO, /proc/kmsg bound over it) must not stall the daemon."""
     if not machine.leader:
         raise NoSuchObject(f"machine {machine.name} has no running leader")
-    return rootfs.read_os_release(f"/proc/{machine.leader}/root")
+    return await asyncio.to_thread(rootfs.read_os_release, f"/proc/{machine.leader}/root")
 
 
 class MachineInterface(MachineProperties):
@@ -82,13 +88,34 @@ class MachineInterface(MachineProperties):
         return self.machine.exit_status
 
     @dbus_property(access=PropertyAccess.READ)
+    def ExitSignal(self) -> "i":
+        """The signal that ended PID 1, 0 if it exited: what hostelctl run says about
+        the end ("terminated by signal KILL") beside ExitStatus, as nspawn does."""
+        return self.machine.exit_signal
+
+    @dbus_property(access=PropertyAccess.READ)
+    def KillSignal(self) -> "i":
+        """What asks the container to stop when its hostelctl run is interrupted, as in
+        systemd-nspawn 252: --kill-signal's, else SIGRTMIN+3 for a booted init, else 0
+        (none: the container is killed at once)."""
+        settings = getattr(self.machine.runtime, "settings", None)
+        if settings is None:
+            return 0
+        return settings.kill_signal or (signals.SIGRTMIN + 3 if settings.boot else 0)
+
+    @dbus_property(access=PropertyAccess.READ)
     def Settings(self) -> "a{sv}":
-        return self.machine.settings
+        """The start's settings; to callers other than root without the environment,
+        which is where passwords and tokens are passed (machined shows none of it)."""
+        if secrets_visible():
+            return self.machine.settings
+        return {k: v for k, v in self.machine.settings.items() if k not in SECRET_SETTINGS}
 
     @dbus_property(access=PropertyAccess.READ)
     def ConsoleLog(self) -> "s":
+        """What the payload wrote to its console: root only (it may print anything)."""
         console = getattr(self.machine.runtime, "console", None)
-        return console.text() if console is not None else ""
+        return console.text() if console is not None and secrets_visible() else ""
 
     @dbus_method()
     @mutating
@@ -101,8 +128,8 @@ class MachineInterface(MachineProperties):
         self.manager.kill(self.machine, who, signal)
 
     @dbus_method()
-    def GetOSRelease(self) -> "a{ss}":
-        return os_release(self.machine)
+    async def GetOSRelease(self) -> "a{ss}":
+        return await os_release(self.machine)
 
     @dbus_method()
     @mutating
@@ -177,6 +204,10 @@ class MachineService:
         self.machines_dir = machines_dir
         self.manager = MachineManagerInterface(self)
         self.objects: dict[str, MachineInterface] = {}
+        # (name, class, service) of the running VM guests (the guest manager's
+        # running_machines, set by the daemon): one name, one guest, so a machine
+        # may not take one of their names
+        self.running_vms: Callable[[], list[tuple[str, str, str]]] = list
         dispatcher.export(MANAGER_PATH, self.manager)
         registry.subscribe(self._on_registry)
 
@@ -196,7 +227,9 @@ class MachineService:
             self.manager.MachineRemoved(machine.name, path)
 
     async def start(self, name: str, raw: dict[str, Variant]) -> str:
+        raw = await self._from_pool(name, raw)
         settings = machine_settings.from_dbus(name, raw, self.machines_dir)
+        self._refuse_running_vm(settings.name)
         settings.stdio = Stdio(*(os.dup(fd) if fd is not None else None
                                  for fd in (settings.stdio.stdin, settings.stdio.stdout,
                                             settings.stdio.stderr)))
@@ -207,12 +240,27 @@ class MachineService:
             raise MachineStartFailed(f"starting machine {settings.name}: {e}") from None
         return machine_path(machine.name)
 
+    async def _from_pool(self, name: str, raw: dict[str, Variant]) -> dict[str, Variant]:
+        """A name without a tree or image is looked up in the pool, as systemd-nspawn 252
+        finds `-M NAME` (a directory NAME or an image NAME.raw, in /var/lib/machines
+        among others; see pool.py)."""
+        given = [raw[key].value for key in ("Directory", "Image") if key in raw]
+        if any(given) or not machine_settings.machine_name_is_valid(name):
+            return raw  # from_dbus says what is wrong with a bad name
+        try:
+            entry = await asyncio.to_thread(pool.find, name, pool.pool_dirs(self.machines_dir.parent))
+        except pool.NotInPool as e:
+            raise InvalidArgs(f"No image for machine '{name}'. ({e})") from None
+        key, path = ("Directory", entry.directory) if entry.directory else ("Image", entry.image)
+        return {**raw, key: Variant("s", path)}
+
     def register(self, name: str, machine_id: bytes, service: str, klass: str, leader: int,
                  root_directory: str) -> str:
         if not machine_settings.machine_name_is_valid(name):
             raise InvalidArgs(f"Invalid machine name: {name}")
         if len(machine_id) not in (0, 16):
             raise InvalidArgs("machine id must be 16 bytes (or empty)")
+        self._refuse_running_vm(name)
         if klass not in ("", "container", "vm"):
             raise InvalidArgs(f"invalid machine class {klass!r} (container or vm)")
         if leader <= 1 or not os.path.exists(f"/proc/{leader}"):
@@ -226,6 +274,13 @@ class MachineService:
         self.runner.track_registered(machine)
         self.registry.update(machine, state=State.RUNNING)
         return machine_path(name)
+
+    def _refuse_running_vm(self, name: str) -> None:
+        """The guest side refuses a VM a machine's name; this is the other way round."""
+        if any(vm == name for vm, _klass, _service in self.running_vms()):
+            raise AlreadyExists(f"a guest named {name!r} is already running (a vm); pick "
+                                f"another machine name, or end the guest first with "
+                                f"'hostelctl guest terminate {name}'")
 
     async def terminate(self, machine: Machine) -> None:
         if machine.state is State.EXITED:  # found dead at adoption: forget it now

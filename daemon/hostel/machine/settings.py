@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostel.bus import InvalidArgs
+from hostel.bus import HostelError, InvalidArgs
+from hostel.machine import cgroup_properties, credentials, limits, nspawn_settings, overlays
+from hostel.machine import bind_user as bind_user_
+from hostel.machine import network_zone, port_forward
 from hostel.machine.options import BY_KEY, SIGNATURES
+from hostel.machine.overlays import Overlay, ResolvedOverlay
+from hostel.settingsdict import unwrap
 
 MACHINE_NAME_MAX = 64
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -22,9 +27,14 @@ PER_LINUX = 0x0000
 PER_LINUX32 = 0x0008
 PERSONALITIES = {"x86": PER_LINUX32, "x86-64": PER_LINUX}
 LINK_JOURNAL_MODES = {"no", "auto", "guest", "host"}
-CONSOLE_MODES = {"interactive", "pipe", "passive"}
+CONSOLE_MODES = ("interactive", "read-only", "passive", "pipe")  # nspawn 252's
 VOLATILE_MODES = {"no", "yes", "state"}
 PRIVATE_USERS_RANGE = 0x10000
+OWNERSHIP_MODES = ("off", "chown", "map", "auto")
+TIMEZONE_MODES = ("off", "copy", "bind", "symlink", "delete", "auto")
+RESOLV_CONF_MODES = ("off", "copy-host", "copy-static", "copy-uplink", "copy-stub",
+                     "replace-host", "replace-static", "replace-uplink", "replace-stub",
+                     "bind-host", "bind-static", "bind-uplink", "bind-stub", "delete", "auto")
 _TRUE = {"1", "yes", "y", "true", "t", "on"}
 _FALSE = {"0", "no", "n", "false", "f", "off"}
 
@@ -87,7 +97,7 @@ class Stdio:
     stderr: int | None = None
 
     def close(self) -> None:
-        for fd in {self.stdin, self.stdout, self.stderr} - {None}:
+        for fd in {fd for fd in (self.stdin, self.stdout, self.stderr) if fd is not None}:
             os.close(fd)
         self.stdin = self.stdout = self.stderr = None
 
@@ -108,6 +118,8 @@ class MachineSettings:
     network_macvlan: list[str] = field(default_factory=list)
     network_veth: bool = False
     network_bridge: str | None = None
+    network_zone: str | None = None  # --network-zone: the zone's bridge, vz-NAME
+    ports: list[port_forward.PortSpec] = field(default_factory=list)  # -p/--port
     selinux_context: str | None = None
     selinux_apifs_context: str | None = None
     capability: list[str] = field(default_factory=list)
@@ -134,6 +146,37 @@ class MachineSettings:
     raw: dict[str, Any] = field(default_factory=dict)  # the validated input, for the Settings property
     root_provider: Any = None        # (runtime_dir, cleanup) -> tree.PreparedRoot: a root made elsewhere (guest images)
     working_directory: str | None = None  # chdir here (inside the container) before the command
+    @property
+    def ownership(self) -> str:
+        """--private-users-ownership in effect: as given, else auto with "pick", else off
+        (nspawn 252's defaults; userns.py carries it out)."""
+        if self.private_users_ownership is not None:
+            return self.private_users_ownership
+        return "auto" if self.private_users is not None and self.private_users.mode == "pick" \
+            else "off"
+
+    hostname: str | None = None      # --hostname: the UTS name, when not the machine's name
+    no_new_privileges: bool = False
+    rlimits: dict[str, limits.RLimit] = field(default_factory=dict)  # by resource name
+    oom_score_adjust: int | None = None
+    cpu_affinity: frozenset[int] | None = None
+    syscall_allow: frozenset[str] = frozenset()  # --system-call-filter: names and @groups
+    syscall_deny: frozenset[str] = frozenset()   # its "~" lists
+    properties: list[cgroup_properties.Property] = field(default_factory=list)  # --property
+    credentials: list[credentials.Credential] = field(default_factory=list)
+    private_users_ownership: str | None = None  # --private-users-ownership, as given
+    overlays: list[Overlay] = field(default_factory=list)  # --overlay, --overlay-ro
+    resolved_overlays: list[ResolvedOverlay] = field(default_factory=list)  # made at the start
+    timezone: str = "auto"           # --timezone: TIMEZONE_MODES
+    resolv_conf: str = "auto"        # --resolv-conf: RESOLV_CONF_MODES
+    bind_user: list[str] = field(default_factory=list)  # --bind-user, each name once
+    bound_users: list[bind_user_.BoundUser] = field(default_factory=list)  # made at the start
+
+    def wants_process_limits(self) -> bool:
+        """Whether hosteld sets limits on the child before it may go on (limits.apply)."""
+        return bool(self.rlimits) or self.cpu_affinity is not None \
+            or self.oom_score_adjust is not None
+    exact_environment: bool = False  # the payload gets `environment` and nothing else (guest images: launchconfig's rules)
 
 
 # Parsing of individual values ------------------------------------------------------
@@ -196,11 +239,12 @@ def parse_link_journal(value: str) -> tuple[str, bool]:
 
 
 def parse_volatile(value: str) -> str:
-    if value == "state":
-        return "state"
+    if value in ("state", "overlay"):
+        return value
     if value.lower() in _TRUE | _FALSE:
         return "yes" if parse_boolean(value, "--volatile=") else "no"
-    raise InvalidArgs(f"Failed to parse --volatile= argument: {value} (expected yes, no or state)")
+    raise InvalidArgs(f"Failed to parse --volatile= argument: {value} "
+                      "(expected yes, no, state or overlay)")
 
 
 def parse_private_users(value: str) -> PrivateUsers | None:
@@ -226,8 +270,36 @@ def parse_private_users(value: str) -> PrivateUsers | None:
 
 def parse_console(value: str) -> str:
     if value not in CONSOLE_MODES:
-        raise InvalidArgs(f"Unknown console mode: {value} (expected interactive, pipe or passive)")
+        raise InvalidArgs(f"Unknown console mode: {value} (expected {', '.join(CONSOLE_MODES)})")
     return value
+
+
+def console_mode(values: dict[str, Any]) -> str | None:
+    """--console=MODE, or --pipe/-P (nspawn 252: the same as --console=pipe)."""
+    mode = parse_console(values["Console"]) if values.get("Console") else None
+    if values.get("Pipe"):
+        if mode not in (None, "pipe"):
+            raise InvalidArgs(f"--pipe and --console={mode} may not be combined "
+                              "(--pipe means --console=pipe)")
+        return "pipe"
+    return mode
+
+
+def parse_syscall_filter(values: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """--system-call-filter=[~]NAME... (repeatable): the words to allow, and to deny."""
+    from hostel.machine import seccomp
+
+    allow: set[str] = set()
+    deny: set[str] = set()
+    for value in values:
+        negative = value.startswith("~")
+        for word in value.removeprefix("~").split():
+            try:
+                seccomp.check_filter_item(word)
+            except HostelError as e:
+                raise InvalidArgs(f"--system-call-filter={value}: {e}") from None
+            (deny if negative else allow).add(word)
+    return frozenset(allow), frozenset(deny)
 
 
 def parse_signal_name(value: str) -> int:
@@ -253,19 +325,8 @@ def parse_signal_name(value: str) -> int:
 
 # From D-Bus ----------------------------------------------------------------------
 
-def _check_types(raw: dict[str, Any]) -> dict[str, Any]:
-    """Unwrap variants, rejecting unknown keys and wrong types by name."""
-    values = {}
-    for key, variant in raw.items():
-        expected = SIGNATURES.get(key)
-        if expected is None or key == "Machine":
-            raise InvalidArgs(f"unknown setting '{key}'; known settings: "
-                              f"{', '.join(sorted(k for k in SIGNATURES if k != 'Machine'))}")
-        if variant.signature != expected:
-            raise InvalidArgs(f"setting '{key}' must be of type '{expected}', "
-                              f"got '{variant.signature}'")
-        values[key] = variant.value
-    return values
+# What StartMachine takes: every option but the machine's name, which is its own argument.
+DBUS_SIGNATURES = {key: signature for key, signature in SIGNATURES.items() if key != "Machine"}
 
 
 def _option(key: str) -> str:
@@ -279,10 +340,45 @@ def _paths(values: dict[str, Any]) -> dict[str, str | None]:
 
 
 def from_dbus(name: str, raw: dict[str, Any], machines_dir: Path) -> MachineSettings:
-    """Validate StartMachine's arguments into MachineSettings (descriptors are not dup'd here)."""
-    values = _check_types(raw)
+    """Validate StartMachine's arguments into MachineSettings (descriptors are not dup'd here).
+
+    The machine's .nspawn file, if any, is merged in once the name and root are known
+    (nspawn_settings), and the merged settings are validated again as a whole."""
+    values = unwrap(raw, DBUS_SIGNATURES, "setting")
+    settings = _build(name, values, raw)
+    determine_names(settings, values.get("CallerDirectory"), machines_dir)
+    mode = values.get("Settings") or "yes"
+    if mode not in nspawn_settings.SETTINGS_MODES:
+        if mode.lower() in _TRUE | _FALSE:
+            mode = "yes" if parse_boolean(mode, "--settings=") else "no"
+        else:
+            raise InvalidArgs(f"Failed to parse --settings= argument: {mode} "
+                              "(expected yes, no, trusted or override)")
+    merged, warnings = nspawn_settings.load(mode, settings.name, settings.image,
+                                            settings.directory, values, check_value)
+    if merged is not values:
+        settings = _build(settings.name, merged, raw)
+        determine_names(settings, merged.get("CallerDirectory"), machines_dir)
+    nspawn_settings.show_warnings(warnings, values.get("StandardError"))
+    check_combinations(settings)
+    return settings
+
+
+def check_value(key: str, value: Any) -> None:
+    """Raise InvalidArgs unless `value` is one setting `key` takes (for a settings file's)."""
+    if key in ("Capability", "DropCapability"):
+        from hostel.machine import capabilities
+
+        capabilities.parse_capabilities(value, f"{key}=")
+        return
+    _build("check", {key: value}, {})
+
+
+def _build(name: str, values: dict[str, Any], raw: dict[str, Any]) -> MachineSettings:
+    """MachineSettings from unwrapped values, each parsed; combinations are checked later."""
     paths = _paths(values)
-    network_veth = values.get("NetworkVeth", False) or bool(values.get("NetworkBridge"))
+    network_veth = (values.get("NetworkVeth", False) or bool(values.get("NetworkBridge"))
+                    or "NetworkZone" in values)
     settings = MachineSettings(
         name=name,
         directory=paths["Directory"], template=paths["Template"], image=paths["Image"],
@@ -295,6 +391,9 @@ def from_dbus(name: str, raw: dict[str, Any], machines_dir: Path) -> MachineSett
         network_macvlan=list(values.get("NetworkMacvlan", [])),
         network_veth=network_veth,
         network_bridge=values.get("NetworkBridge") or None,
+        network_zone=(network_zone.bridge_name(values["NetworkZone"])
+                      if "NetworkZone" in values else None),
+        ports=port_forward.parse_ports(list(values.get("Port", []))),
         selinux_context=values.get("SELinuxContext") or None,
         selinux_apifs_context=values.get("SELinuxApiFsContext") or None,
         capability=list(values.get("Capability", [])),
@@ -312,7 +411,7 @@ def from_dbus(name: str, raw: dict[str, Any], machines_dir: Path) -> MachineSett
         quiet=values.get("Quiet", False),
         private_users=parse_private_users(values["PrivateUsers"]) if values.get("PrivateUsers") else None,
         as_pid2=values.get("AsPid2", False),
-        console=parse_console(values["Console"]) if values.get("Console") else None,
+        console=console_mode(values),
         kill_signal=parse_signal_name(values["KillSignal"]) if values.get("KillSignal") else None,
         command=list(values.get("Command", [])),
         terminal=values.get("Terminal") or None,
@@ -328,9 +427,48 @@ def from_dbus(name: str, raw: dict[str, Any], machines_dir: Path) -> MachineSett
                            values.get("StandardError"))
     if values.get("WorkingDirectory"):
         settings.working_directory = _absolute(values["WorkingDirectory"], "--chdir")
-    determine_names(settings, values.get("CallerDirectory"), machines_dir)
-    check_combinations(settings)
+    _build_exec_options(settings, values)
     return settings
+
+
+def _build_exec_options(settings: MachineSettings, values: dict[str, Any]) -> None:
+    """The options of nspawn 252's that the seed lacks: each parsed with 252's rules."""
+    if values.get("Hostname"):
+        if not hostname_is_valid(values["Hostname"]):
+            raise InvalidArgs(f"Hostname '{values['Hostname']}' is not valid.")
+        settings.hostname = values["Hostname"]
+    if values.get("NoNewPrivileges"):
+        settings.no_new_privileges = parse_boolean(values["NoNewPrivileges"],
+                                                   "--no-new-privileges=")
+    settings.rlimits = limits.parse_rlimits(list(values.get("RLimits", [])))
+    if values.get("OOMScoreAdjust"):
+        settings.oom_score_adjust = limits.parse_oom_score_adjust(values["OOMScoreAdjust"])
+    if values.get("CPUAffinity"):
+        settings.cpu_affinity = limits.parse_cpu_affinity(values["CPUAffinity"])
+    settings.syscall_allow, settings.syscall_deny = parse_syscall_filter(
+        list(values.get("SystemCallFilter", [])))
+    settings.properties = cgroup_properties.parse_properties(list(values.get("Property", [])))
+    settings.credentials = credentials.parse(list(values.get("SetCredential", [])),
+                                             list(values.get("LoadCredential", [])))
+    if values.get("PrivateUsersOwnership"):
+        if values["PrivateUsersOwnership"] not in OWNERSHIP_MODES:
+            raise InvalidArgs("Cannot parse --private-users-ownership= value: "
+                              f"{values['PrivateUsersOwnership']} (expected off, chown, map or auto)")
+        settings.private_users_ownership = values["PrivateUsersOwnership"]
+    settings.overlays = [overlays.parse_overlay(spec, key == "OverlayReadOnly",
+                                                values.get("CallerDirectory"))
+                         for key in ("Overlay", "OverlayReadOnly") for spec in values.get(key, [])]
+    if values.get("Timezone"):
+        if values["Timezone"] not in TIMEZONE_MODES:
+            raise InvalidArgs(f"Failed to parse /etc/localtime mode: {values['Timezone']} "
+                              f"(expected {', '.join(TIMEZONE_MODES)})")
+        settings.timezone = values["Timezone"]
+    if values.get("ResolvConf"):
+        if values["ResolvConf"] not in RESOLV_CONF_MODES:
+            raise InvalidArgs(f"Failed to parse /etc/resolv.conf mode: {values['ResolvConf']} "
+                              f"(expected {', '.join(RESOLV_CONF_MODES)})")
+        settings.resolv_conf = values["ResolvConf"]
+    settings.bind_user = bind_user_.parse_names(list(values.get("BindUser", [])))
 
 
 def determine_names(settings: MachineSettings, cwd: str | None, machines_dir: Path) -> None:
@@ -346,7 +484,7 @@ def determine_names(settings: MachineSettings, cwd: str | None, machines_dir: Pa
         else:
             raise InvalidArgs("Failed to determine path, please use -D.")
     if not settings.name:
-        base = os.path.basename((settings.image or settings.directory).rstrip("/"))
+        base = os.path.basename((settings.image or settings.directory or "").rstrip("/"))
         settings.name = hostname_cleanup(base)
         if not machine_name_is_valid(settings.name):
             raise InvalidArgs("Failed to determine machine name automatically, please use -M.")
@@ -370,6 +508,12 @@ def check_combinations(s: MachineSettings) -> None:
         (s.directory == "/" and not s.ephemeral,
          "Spawning container on root directory is not supported. Consider using --ephemeral."),
         (s.as_pid2 and s.boot, "--as-pid2 and --boot may not be combined."),
+        (bool(s.network_bridge and s.network_zone),
+         "--network-bridge= and --network-zone= may not be combined."),
+        (bool(s.ports) and not s.private_network, "Cannot use --port= without private networking."),
+        (s.keep_unit and bool(s.properties),
+         "--property= needs the machine's own scope, to hold the limits: drop --keep-unit."),
+        (bool(s.bind_user) and s.private_users is None, "--bind-user= requires --private-users"),
     ]
     for refused, message in refusals:
         if refused:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from hostel import native
 from hostel.bus import InvalidArgs
-from hostel.machine import image, rootfs
+from hostel.machine import image, rootfs, userns
 from hostel.machine.settings import MachineSettings
 from hostel.spawn import Plan
 
@@ -26,27 +26,45 @@ log = logging.getLogger(__name__)
 class PreparedRoot:
     root: str                         # the root path in the child, before it enters it
     view: str | None                  # readable tree on the host (None: image)
-    mount_steps: Callable[[Plan], None] = lambda plan: None
+    mount_steps: Callable[[Plan], object] = lambda plan: None  # what it returns is not used
     image_files: dict[str, bytes | None] = field(default_factory=dict)
     devices: list[str] = field(default_factory=list)  # host nodes the container mounts
+    ownership: userns.Ownership | None = None  # detached mounts mount_steps attaches (userns.map_ownership)
+
+    def __post_init__(self) -> None:
+        """Every step after the root's own mount steps that names a path in the tree is
+        resolved inside the tree, wherever the plan builder takes it from (spawn.Plan.confine)."""
+        attach = self.mount_steps
+
+        def confined(plan: Plan) -> None:
+            plan.confine(self.root)
+            attach(plan)
+
+        self.mount_steps = confined
 
     def read_file(self, path: str) -> bytes | None:
+        """A small file of the tree (None if absent), read inside it and never blocking."""
         if self.view is None:
             return self.image_files.get(path)
-        try:
-            return Path(self.view, path.lstrip("/")).read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+        return rootfs.read_file_in_root(self.view, path)
 
 
 FILES_FROM_IMAGE = ("/etc/passwd", "/etc/group", "/etc/os-release", "/usr/lib/os-release")
+
+
+def _lexists_in_root(view: str, path: str) -> bool:
+    try:
+        os.close(rootfs.open_in_root(view, path, os.O_PATH | os.O_NOFOLLOW))
+    except OSError:
+        return False
+    return True
 
 
 def _check_binary(settings: MachineSettings, view: str) -> None:
     """The seed refuses a tree that lacks the binary to run (or /usr/bin/ at all)."""
     target = settings.command[0] if settings.command and settings.command[0].startswith("/") \
         else "/usr/bin/"
-    if not settings.boot and not os.path.lexists(f"{view}{target}"):
+    if not settings.boot and not _lexists_in_root(view, target):
         raise InvalidArgs(f"Directory {view} lacks the binary to execute or doesn't look like "
                           "a binary tree. Refusing.")
 
@@ -57,6 +75,7 @@ def prepare_root(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStac
     if settings.image:
         return _prepare_image(settings, runtime_dir, cleanup)
     directory = settings.directory
+    assert directory is not None, "settings.determine_names gives a directory to an image-less machine"
     if settings.template:
         if rootfs.populate_from_template(settings.template, directory):
             log.info("populated %s from template %s", directory, settings.template)
@@ -68,9 +87,10 @@ def prepare_root(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStac
     rootfs.check_os_tree(directory)
     _check_binary(settings, directory)
     if settings.ephemeral:
-        ephemeral = rootfs.EphemeralRoot(directory, str(runtime_dir))
+        ephemeral = rootfs.EphemeralRoot(directory, str(runtime_dir), settings.private_users)
         cleanup.callback(ephemeral.remove)
-        return PreparedRoot(ephemeral.root, directory, ephemeral.add_to_plan)
+        return PreparedRoot(ephemeral.root, directory, ephemeral.add_to_plan,
+                            ownership=ephemeral.ownership)
     if settings.private_users is not None:
         return _root_through_descriptor(directory, runtime_dir, cleanup)
     return PreparedRoot(directory, directory)
@@ -92,17 +112,22 @@ def _root_through_descriptor(directory: str, runtime_dir: Path,
     def mount_steps(plan: Plan) -> None:
         plan.attach_mount(fd, root, directory)
 
-    return PreparedRoot(root, directory, mount_steps)
+    what = f"the tree {directory}"
+    return PreparedRoot(root, directory, mount_steps,
+                        ownership=userns.Ownership([userns.OwnedMount(fd, what, directory)]))
 
 
 def _prepare_image(settings: MachineSettings, runtime_dir: Path, cleanup: ExitStack) -> PreparedRoot:
+    assert settings.image is not None, "called for machines with an image"
     dissected = image.dissect(settings.image)
     files = image.read_files_from_image(dissected, FILES_FROM_IMAGE)
     mounts = image.attach_image(dissected, read_only=settings.read_only)
     cleanup.callback(mounts.detach)
+    # A user namespace may not mount block devices: the mounts are made here, detached.
+    ownership = mounts.mount_detached() if settings.private_users is not None else None
     root = str(runtime_dir / "root")
     os.makedirs(root, exist_ok=True)
     if dissected.personality is not None and settings.personality is None:
         settings.personality = dissected.personality  # an x86 root on x86-64, as the seed does
     return PreparedRoot(root, None, lambda plan: mounts.add_to_plan(plan, root), files,
-                        [loop.device for loop in mounts.loops])
+                        [loop.device for loop in mounts.loops], ownership)

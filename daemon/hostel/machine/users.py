@@ -98,11 +98,14 @@ def _memberships(name: str, data: bytes) -> tuple[int, ...]:
     return tuple(gids)
 
 
-def resolve_user(user: str | None, passwd: bytes, group: bytes) -> UserIds:
+def resolve_user(user: str | None, passwd: bytes, group: bytes,
+                 bound: tuple[UserIds, ...] = ()) -> UserIds:
     """Who `user` (a name, or a number meaning a UID, as --user takes it) is in the container.
 
     root, by name or as 0, is not looked up: like nspawn, it always means ids 0
-    with no supplementary groups, even in a container without /etc/passwd."""
+    with no supplementary groups, even in a container without /etc/passwd. After
+    /etc/passwd come the --bind-user users (`bound`), as nss-systemd finds them in
+    /run/host/userdb after the files."""
     if user is None or user in ("root", "0"):
         return ROOT
     _validate_user_argument(user)
@@ -110,6 +113,9 @@ def resolve_user(user: str | None, passwd: bytes, group: bytes) -> UserIds:
     for account in _passwd(passwd):
         if (account.uid == int(user)) if by_uid else (account.name == user):
             return replace(account, groups=_memberships(account.name, group))
+    for account in bound:
+        if (account.uid == int(user)) if by_uid else (account.name == user):
+            return account
     raise InvalidArgs(f"user {user!r} not found in the container's /etc/passwd")
 
 
