@@ -47,6 +47,13 @@ class Verb:
         return " ".join(self.words)
 
 
+def _expanded_help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """The help text as `--help` prints it: argparse fills in %(default)s and the like
+    only when it formats help, so a man page built from the raw text would show them."""
+    text = action.help or ""
+    return text % dict(vars(action), prog=parser.prog) if "%" in text else text
+
+
 def _flags_of(parser: argparse.ArgumentParser) -> list[Flag]:
     flags = []
     for action in parser._actions:
@@ -59,7 +66,7 @@ def _flags_of(parser: argparse.ArgumentParser) -> list[Flag]:
             if isinstance(named, tuple):  # nargs > 1: argparse's one name per value
                 named = " ".join(named)
             metavar = named or (action.dest.upper() if not action.choices else "MODE")
-        flags.append(Flag(list(action.option_strings), metavar, action.help or "",
+        flags.append(Flag(list(action.option_strings), metavar, _expanded_help(parser, action),
                           [str(c) for c in action.choices or []]))
     return flags
 

@@ -60,6 +60,14 @@ def test_hosteld_and_generator_pages(built: Path) -> None:
     assert "HOSTEL-CRYPTSETUP-GENERATOR(8)" in text and "crypttab" in text
 
 
+def test_help_texts_are_expanded_as_help_prints_them(built: Path) -> None:
+    """argparse fills in %(default)s only when it prints --help; a page built from
+    the raw text showed the placeholder to readers."""
+    for page in ("hostelctl.1", "hosteld.8"):
+        assert "%(" not in _source(built / page), page
+    assert "virtual CPUs (default: 1)" in _source(built / "hostelctl.1")
+
+
 def _complete(script: Path, *words: str) -> list[str]:
     """What the completion offers for the last word, in a real bash."""
     code = ('source "$0"; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _hostelctl; '

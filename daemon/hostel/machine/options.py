@@ -66,7 +66,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("bind", "Bind", "as", None, "SRC[:DST]", "bind mount a host path into the container"),
     Option("bind-ro", "BindReadOnly", "as", None, "SRC[:DST]", "read-only bind mount"),
     Option("bind-user", "BindUser", "as", None, "NAME",
-           "bind a host user's home to /run/host/home/NAME and add the user (needs -U)"),
+           "bind a host user's home to /run/host/home/NAME and add the user (needs --private-users)"),
     Option("tmpfs", "TemporaryFileSystem", "as", None, "PATH[:OPTS]", "mount a tmpfs at PATH"),
     Option("overlay", "Overlay", "as", None, "PATH[:PATH...]:DEST",
            "mount an overlay of host trees at DEST, writes going to the last tree (repeatable)"),
