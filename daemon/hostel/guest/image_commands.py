@@ -404,13 +404,17 @@ def add_guest_run(sub: "argparse._SubParsersAction",
     import argparse
 
     run = verb(sub, "run", "run an imported image with its command, or CMD", cmd_guest_run)
-    run.add_argument("--image", required=True, metavar="NAME")
+    run.add_argument("--image", required=True, metavar="NAME",
+                     help="the imported image to run (see hostelctl image list)")
     run.add_argument("--env", "-E", action="append", metavar="K=V",
                      help="set an environment variable (repeatable)")
-    run.add_argument("--hostname", metavar="H")
+    run.add_argument("--hostname", metavar="H", help="the guest's hostname, which is also "
+                     "its name (default: --name, else the image's name)")
     run.add_argument("--name", "-M", metavar="NAME", help="the guest's name (default: hostname, "
                      "else the image's name)")
-    run.add_argument("--isolation", choices=["container", "vm"], default="container")
+    run.add_argument("--isolation", choices=["container", "vm"], default="container",
+                     help="container: namespaces on this kernel (the default); vm: its own "
+                     "kernel under KVM, booted by the image's init")
     # One option for both isolations, podman's --network=MODE, as the image verbs follow
     # podman: nspawn's --network-veth names a container's veth, while a VM's link is a tap.
     run.add_argument("--network", choices=["none", "veth"], metavar="MODE",
@@ -418,11 +422,13 @@ def add_guest_run(sub: "argparse._SubParsersAction",
                      "the host (a veth pair for a container, a tap for a VM) with a /30 of "
                      "its own from a private pool, the host's end as gateway and the host's "
                      "DNS resolvers")
-    run.add_argument("--quiet", "-q", action="store_true")
+    run.add_argument("--quiet", "-q", action="store_true",
+                     help="no status lines on stderr, only the payload's output")
     run.add_argument("--cpus", type=int, metavar="N", help="virtual CPUs (--isolation=vm only; "
                      "default 1)")
     run.add_argument("--memory", type=int, metavar="MB", help="guest memory in MiB "
                      "(--isolation=vm only; default 256)")
     run.add_argument("--kernel", metavar="PATH", help="the guest's kernel (--isolation=vm only; "
                      "default: Debian's linux-image-cloud-amd64, installed or cached by make setup)")
-    run.add_argument("rest", nargs=argparse.REMAINDER, metavar="CMD")
+    run.add_argument("rest", nargs=argparse.REMAINDER, metavar="CMD",
+                     help="the command to run instead of the image's (after --)")
