@@ -16,6 +16,7 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from contextlib import ExitStack
 
 from hostel.errors import ERROR_PREFIX, HostelError
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 LOCK_DIR = "/run/systemd/nspawn/locks"
 # struct flock on Linux x86-64/aarch64: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
 _FLOCK = "hhxxxxqqixxxx"
+# A releasing shared holder's exclusive moment lasts microseconds; a real
+# exclusive holder makes a shared request wait at most this many milliseconds.
+SHARED_LOCK_TRIES = 20
 
 
 class TreeBusy(HostelError):
@@ -52,14 +56,22 @@ def _lock_file(path: str, exclusive: bool) -> int | None:
     """The lock file at `path`, created and locked; None when it is busy.
 
     A file unlinked between our open and our lock was released by its last
-    holder (see _release): lock a fresh one instead."""
+    holder (see _release): lock a fresh one instead. A shared request that
+    finds the file locked tries again for a few milliseconds, because a shared
+    holder that is releasing holds it exclusively for the moment it takes to
+    unlink it: without that, two read-only starts could call each other busy."""
+    tries = 1 if exclusive else SHARED_LOCK_TRIES
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC,
                      0o600)
         try:
             if not _try_lock(fd, exclusive):
                 os.close(fd)
-                return None
+                tries -= 1
+                if tries <= 0:
+                    return None
+                time.sleep(0.001)
+                continue
             if os.fstat(fd).st_nlink > 0:
                 return fd
         except BaseException:
